@@ -1,0 +1,53 @@
+# Two commands do everything: `make demo` (the main job) and `make test` (the suite).
+# `setup` is idempotent: the environment is built once per pin list, outside the clone, and
+# `.venv` links to it, so later runs and fresh clones on the same machine start at once.
+SHELL := /bin/bash
+PYTHON_BIN ?= python3.11
+VENV_CACHE ?= $(HOME)/.cache/worldmodel/venvs
+PIN_HASH := $(shell cat requirements.txt | sha256sum | cut -c1-16)
+VENV_DIR := $(VENV_CACHE)/py311-$(PIN_HASH)
+PY := .venv/bin/python
+EXP ?= demo_tokenizer
+ARGS ?=
+
+.PHONY: setup demo test test-fast lint format bench sweep clean
+
+setup:
+	@set -euo pipefail; \
+	if [ ! -f "$(VENV_DIR)/.complete" ]; then \
+	  echo "setup: building the environment for pin list $(PIN_HASH) in $(VENV_DIR)"; \
+	  rm -rf "$(VENV_DIR)"; mkdir -p "$(VENV_CACHE)"; \
+	  $(PYTHON_BIN) -m venv "$(VENV_DIR)"; \
+	  "$(VENV_DIR)/bin/pip" install --quiet -r requirements.txt; \
+	  touch "$(VENV_DIR)/.complete"; \
+	fi; \
+	ln -sfn "$(VENV_DIR)" .venv; \
+	if ! $(PY) -c "import worldmodel, sys; sys.exit(0 if worldmodel.__file__.startswith('$(CURDIR)/') else 1)" 2>/dev/null; then \
+	  $(PY) -m pip install --quiet --no-deps --no-build-isolation -e .; \
+	fi
+
+demo: setup
+	$(PY) run.py experiment=$(EXP) $(ARGS)
+
+test: setup
+	$(PY) -m pytest $(ARGS)
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: setup
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: setup
+	$(PY) -m worldmodel.bench $(ARGS)
+
+sweep: setup
+	$(PY) run.py -m experiment=$(EXP) $(ARGS)
+
+clean:
+	rm -rf outputs multirun .pytest_cache .ruff_cache
