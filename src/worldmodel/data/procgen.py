@@ -1,0 +1,180 @@
+"""OpenAI Procgen (CoinRun and the 15 other games) recorded with a held random policy.
+
+`num_envs` environments step in one process (procgen's own vectorisation). Train episodes come
+from levels `[train_level_start, train_level_start + train_num_levels)` and val episodes from a
+disjoint level range, so val measures generalisation to unseen levels. Episodes are cut where
+procgen starts a new one; the episodes still running when the frame budget is reached are kept
+(truncated). Each episode records the level seed it was played on.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from worldmodel.data.frames import HeldRandomPolicy, resize_frames
+from worldmodel.data.shards import CacheWriter, SplitWriter
+from worldmodel.data.source import Source
+
+PROCGEN_GAMES = (
+    "bigfish",
+    "bossfight",
+    "caveflyer",
+    "chaser",
+    "climber",
+    "coinrun",
+    "dodgeball",
+    "fruitbot",
+    "heist",
+    "jumper",
+    "leaper",
+    "maze",
+    "miner",
+    "ninja",
+    "plunder",
+    "starpilot",
+)
+PROCGEN_NUM_ACTIONS = 15  # every game shares procgen's 15-button action set
+
+
+class ProcgenSource(Source):
+    """Procgen frames (64x64 RGB natively) with the true actions (15 for every game).
+
+    Args (besides those of `Source`):
+        env_name: one of `PROCGEN_GAMES`.
+        num_envs: environments stepped together.
+        train_frames, val_frames: frames to record per split.
+        train_level_start, train_num_levels, val_level_start, val_num_levels: level ranges
+            (must not overlap).
+        distribution_mode: procgen's "easy" | "hard" | "extreme" | "memory" | "exploration".
+        max_action_repeat: each random action is held for 1..max_action_repeat steps.
+        seed: seeds the policy and procgen (val uses seed + 1).
+        env_kwargs: further keyword arguments of `ProcgenGym3Env` (e.g. use_backgrounds).
+    """
+
+    kind = "procgen"
+
+    def __init__(
+        self,
+        root: str,
+        env_name: str = "coinrun",
+        resolution: int | list[int] = 64,
+        clip_length: int = 16,
+        frame_stride: int = 1,
+        clip_stride: int = 1,
+        val_clip_stride: int | None = None,
+        num_envs: int = 16,
+        train_frames: int = 40000,
+        val_frames: int = 4096,
+        train_level_start: int = 0,
+        train_num_levels: int = 500,
+        val_level_start: int = 100000,
+        val_num_levels: int = 100,
+        distribution_mode: str = "hard",
+        max_action_repeat: int = 4,
+        seed: int = 0,
+        env_kwargs: dict[str, Any] | None = None,
+        name: str | None = None,
+    ):
+        super().__init__(
+            root, resolution, clip_length, frame_stride, clip_stride, val_clip_stride, name
+        )
+        if env_name not in PROCGEN_GAMES:
+            raise ValueError(
+                f"unknown procgen env_name {env_name!r}; valid names: {', '.join(PROCGEN_GAMES)}"
+            )
+        train = range(train_level_start, train_level_start + train_num_levels)
+        val = range(val_level_start, val_level_start + val_num_levels)
+        if min(train_num_levels, val_num_levels) < 1:
+            raise ValueError("train_num_levels and val_num_levels must be >= 1 (0 = unbounded)")
+        if train.start < val.stop and val.start < train.stop:
+            raise ValueError(f"train levels {train} and val levels {val} overlap")
+        self.env_name = env_name
+        self.num_envs = int(num_envs)
+        self.frames = {"train": int(train_frames), "val": int(val_frames)}
+        self.levels = {"train": train, "val": val}
+        self.distribution_mode = distribution_mode
+        self.max_action_repeat = int(max_action_repeat)
+        self.seed = int(seed)
+        self.env_kwargs = dict(env_kwargs or {})
+
+    def label(self) -> str:
+        return self.env_name
+
+    def known_num_actions(self) -> int:
+        return PROCGEN_NUM_ACTIONS
+
+    def recording_params(self) -> dict[str, Any]:
+        return {
+            "source": self.kind,
+            "env_name": self.env_name,
+            "resolution": list(self.resolution),
+            "num_envs": self.num_envs,
+            "frames": self.frames,
+            "levels": {k: [r.start, r.stop] for k, r in self.levels.items()},
+            "distribution_mode": self.distribution_mode,
+            "max_action_repeat": self.max_action_repeat,
+            "seed": self.seed,
+            "env_kwargs": self.env_kwargs,
+        }
+
+    def record(self, writer: CacheWriter) -> dict[str, Any]:
+        num_actions = None
+        for i, split in enumerate(("train", "val")):
+            num_actions = self._record_split(writer[split], split, self.seed + i)
+        return {"num_actions": num_actions}
+
+    def _record_split(self, out: SplitWriter, split: str, seed: int) -> int:
+        from procgen import ProcgenGym3Env  # heavy import, only when recording
+
+        levels = self.levels[split]
+        env = ProcgenGym3Env(
+            num=self.num_envs,
+            env_name=self.env_name,
+            start_level=levels.start,
+            num_levels=len(levels),
+            distribution_mode=self.distribution_mode,
+            rand_seed=seed,
+            **self.env_kwargs,
+        )
+        num_actions = int(env.ac_space.eltype.n)
+        policy = HeldRandomPolicy(num_actions, self.num_envs, self.max_action_repeat, seed)
+        budget = self.frames[split]
+        frames: list[list[np.ndarray]] = [[] for _ in range(self.num_envs)]
+        actions: list[list[int]] = [[] for _ in range(self.num_envs)]
+        level_seeds = [-1] * self.num_envs
+
+        def flush(env_id: int) -> None:
+            clip = np.stack(frames[env_id])
+            if clip.shape[1:3] != self.resolution:
+                clip = resize_frames(clip, self.resolution)
+            acts = np.asarray(actions[env_id], dtype=np.int64)
+            out.add_episode(clip, acts, level_seed=level_seeds[env_id])
+            frames[env_id].clear()
+            actions[env_id].clear()
+
+        with self.progress(budget, f"{self.env_name} {split}") as bar:
+            while True:
+                _, obs, first = env.observe()
+                if first.any():
+                    info = env.get_info()
+                    for env_id in np.flatnonzero(first):
+                        if frames[env_id]:
+                            flush(env_id)
+                        level_seeds[env_id] = int(info[env_id]["level_seed"])
+                room = budget - out.num_frames - sum(len(f) for f in frames)
+                if room <= 0:
+                    break
+                act = policy()
+                # on the last step only the first `room` envs contribute, to hit the budget exactly
+                for env_id in range(min(room, self.num_envs)):
+                    frames[env_id].append(obs["rgb"][env_id].copy())
+                    actions[env_id].append(int(act[env_id]))
+                env.act(act.astype(np.int32))
+                bar.update(min(room, self.num_envs))
+            # the episodes still running are kept, truncated, in env order
+            for env_id in range(self.num_envs):
+                if frames[env_id]:
+                    flush(env_id)
+        return num_actions
