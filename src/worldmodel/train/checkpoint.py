@@ -91,7 +91,9 @@ def load(path: str | Path) -> dict[str, Any]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Unsupported global" not in str(e):
-            raise CheckpointError(f"{path} is unreadable (truncated or not a checkpoint): {e}") from e
+            raise CheckpointError(
+                f"{path} is unreadable (truncated or not a checkpoint): {e}"
+            ) from e
         raise CheckpointError(
             f"{path} needs pickled code to load and is refused (weights_only=True): {e}"
         ) from e
@@ -157,7 +159,9 @@ def check_compatible(state: dict[str, Any], model: torch.nn.Module, source: str)
     if stored.get("_target_"):
         lines.append(f"checkpoint model: {stored.get('_target_')}")
     if missing:
-        lines.append(f"missing in checkpoint: {', '.join(missing[:5])}{' ...' * (len(missing) > 5)}")
+        lines.append(
+            f"missing in checkpoint: {', '.join(missing[:5])}{' ...' * (len(missing) > 5)}"
+        )
     if unexpected:
         extra = ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else "")
         lines.append(f"not in model: {extra}")

@@ -116,14 +116,31 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
         log.info("initialized weights from %s", cfg.checkpoint)
 
     n_params = sum(p.numel() for p in model.parameters())
-    log.info("%s: %.2fM parameters, %d train / %d val clips", type(model).__name__,
-             n_params / 1e6, len(train_ds), len(val_ds))
-    sampler = ResumableSampler(len(train_ds), int(tr.batch_size), int(tr.grad_accum), env.rank,
-                               env.world_size, int(cfg.seed), start_step=step)
-    loader = DataLoader(train_ds, batch_size=int(tr.micro_batch), sampler=sampler,
-                        num_workers=int(tr.num_workers), persistent_workers=tr.num_workers > 0,
-                        pin_memory=device.type == "cuda",
-                        generator=torch.Generator().manual_seed(int(cfg.seed)))
+    log.info(
+        "%s: %.2fM parameters, %d train / %d val clips",
+        type(model).__name__,
+        n_params / 1e6,
+        len(train_ds),
+        len(val_ds),
+    )
+    sampler = ResumableSampler(
+        len(train_ds),
+        int(tr.batch_size),
+        int(tr.grad_accum),
+        env.rank,
+        env.world_size,
+        int(cfg.seed),
+        start_step=step,
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_size=int(tr.micro_batch),
+        sampler=sampler,
+        num_workers=int(tr.num_workers),
+        persistent_workers=tr.num_workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(int(cfg.seed)),
+    )
     batches = iter(loader)  # its own generator: the global RNG stream stays the model's
 
     wrapped: nn.Module = LossModule(model)
@@ -133,8 +150,12 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
         wrapped = torch.compile(wrapped)
     logger = None
     if env.is_main:
-        logger = MetricsLogger(run_dir, OmegaConf.to_container(cfg.logger),
-                               OmegaConf.to_container(cfg), resume_step=step)
+        logger = MetricsLogger(
+            run_dir,
+            OmegaConf.to_container(cfg.logger),
+            OmegaConf.to_container(cfg),
+            resume_step=step,
+        )
         logger.log(step, {"info/params_m": n_params / 1e6})
 
     stop = {"signal": None}
@@ -147,22 +168,38 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
     def save() -> None:
         if not env.is_main:
             return
-        manager.save({
-            "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
-            "ema": ema.state_dict() if ema is not None else None, "step": step,
-            "nonfinite_total": nonfinite_total, "rng": ckpt.rng_state(),
-            "data_position": sampler.position(step), "config": OmegaConf.to_container(cfg),
-            "model_name": mcfg.get("name"),
-        }, step)
+        manager.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "disc_optimizer": disc_opt.state_dict() if disc_opt is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "step": step,
+                "nonfinite_total": nonfinite_total,
+                "rng": ckpt.rng_state(),
+                "data_position": sampler.position(step),
+                "config": OmegaConf.to_container(cfg),
+                "model_name": mcfg.get("name"),
+            },
+            step,
+        )
 
     val_loss: float | None = None
     consecutive_bad = 0
     t_start = time.monotonic()
-    bar = tqdm(total=int(tr.max_steps), initial=step, disable=not (env.is_main and tr.progress),
-               desc=f"train {mcfg.get('name', '')}", dynamic_ncols=True, mininterval=2.0)
+    bar = tqdm(
+        total=int(tr.max_steps),
+        initial=step,
+        disable=not (env.is_main and tr.progress),
+        desc=f"train {mcfg.get('name', '')}",
+        dynamic_ncols=True,
+        mininterval=2.0,
+    )
     try:
+        if step == 0 and tr.get("val_at_start", True) and env.is_main:
+            _validate(model, ema, val_ds, cfg, device, 0, logger, run_dir, media=False)
+        dist.barrier()
         while step < int(tr.max_steps):
             model.train()
             t0 = time.perf_counter()
@@ -183,8 +220,9 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
                 opt.zero_grad(set_to_none=True)
                 consecutive_bad += 1
                 nonfinite_total += 1
-                log.warning("non-finite loss at step %d skipped (%d in a row)", step,
-                            consecutive_bad)
+                log.warning(
+                    "non-finite loss at step %d skipped (%d in a row)", step, consecutive_bad
+                )
                 if consecutive_bad >= int(tr.max_nonfinite):
                     raise FloatingPointError(
                         f"training stopped: {consecutive_bad} consecutive non-finite losses "
@@ -195,7 +233,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
             consecutive_bad = 0
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_([p for _, p in gen_params], float(tr.grad_clip))
-                if tr.grad_clip else None
+                if tr.grad_clip
+                else None
             )
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -222,17 +261,32 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
             if env.is_main and (step % int(tr.log_every) == 0 or finishing):
                 dt = time.perf_counter() - t0
                 row = {f"train/{k}" if "/" not in k else k: v for k, v in sums.items()}
-                row.update({"train/loss": loss_sum, "train/lr": sched.get_last_lr()[0],
-                            "train/step_s": dt, "train/frames_per_s": _frames(batch) / dt,
-                            "train/nonfinite_total": nonfinite_total})
+                row.update(
+                    {
+                        "train/loss": loss_sum,
+                        "train/lr": sched.get_last_lr()[0],
+                        "train/step_s": dt,
+                        "train/frames_per_s": _frames(batch) / dt,
+                        "train/nonfinite_total": nonfinite_total,
+                    }
+                )
                 if grad_norm is not None:
                     row["train/grad_norm"] = float(grad_norm)
                 logger.log(step, row)
                 bar.set_postfix(loss=f"{loss_sum:.4f}")
             if step % int(tr.val_every) == 0 or finishing:
                 if env.is_main:
-                    val_loss = _validate(model, ema, val_ds, cfg, device, step, logger, run_dir,
-                                         media=step % int(tr.media_every) == 0 or finishing)
+                    val_loss = _validate(
+                        model,
+                        ema,
+                        val_ds,
+                        cfg,
+                        device,
+                        step,
+                        logger,
+                        run_dir,
+                        media=step % int(tr.media_every) == 0 or finishing,
+                    )
                 dist.barrier()
             if step % int(tr.ckpt_every) == 0 or finishing:
                 save()
@@ -272,16 +326,27 @@ def val_subset(val_ds: Any, n: int) -> Subset:
 
 
 @torch.no_grad()
-def _validate(model: nn.Module, ema: EMA | None, val_ds: Any, cfg: DictConfig,
-              device: torch.device, step: int, logger: MetricsLogger, run_dir: Path,
-              media: bool) -> float:
+def _validate(
+    model: nn.Module,
+    ema: EMA | None,
+    val_ds: Any,
+    cfg: DictConfig,
+    device: torch.device,
+    step: int,
+    logger: MetricsLogger,
+    run_dir: Path,
+    media: bool,
+) -> float:
     tr = cfg.trainer
     subset = val_subset(val_ds, int(tr.val_batches) * int(tr.micro_batch))
     loader = DataLoader(subset, batch_size=int(tr.micro_batch))
     model.eval()
     sums: dict[str, float] = {}
     n = 0
-    with ema.swapped_into(model) if ema is not None else nullcontext():
+    # Validation draws its randomness (e.g. masks) from a fixed seed, apart from the training
+    # stream: every evaluation sees the same masks, and a resumed run's stream is unchanged.
+    with torch.random.fork_rng(), ema.swapped_into(model) if ema is not None else nullcontext():
+        torch.manual_seed(int(cfg.seed) + 1)
         first = None
         for batch in loader:
             batch = _to(batch, device)
@@ -300,9 +365,15 @@ def _validate(model: nn.Module, ema: EMA | None, val_ds: Any, cfg: DictConfig,
     return row.get("val/loss", float("nan"))
 
 
-def _reconstruction_media(model: nn.Module, batch: dict[str, torch.Tensor], cfg: DictConfig,
-                          device: torch.device, step: int, logger: MetricsLogger,
-                          run_dir: Path) -> None:
+def _reconstruction_media(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    cfg: DictConfig,
+    device: torch.device,
+    step: int,
+    logger: MetricsLogger,
+    run_dir: Path,
+) -> None:
     from worldmodel.media import save_grid
 
     video = batch["video"][: int(cfg.eval.media_samples)]

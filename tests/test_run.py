@@ -1,0 +1,67 @@
+"""`run.py` end to end as a user runs it: train the smoke tokenizer, then evaluate it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_py(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if check and out.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return out
+
+
+def test_train_then_eval(tmp_path):
+    run_dir = tmp_path / "train"
+    run_py("experiment=smoke_tokenizer", f"hydra.run.dir={run_dir}", "trainer.max_steps=20")
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert any("val/psnr" in r for r in rows) and any("train/loss" in r for r in rows)
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+
+    eval_dir = tmp_path / "eval"
+    run_py(
+        "task=eval",
+        f"checkpoint={run_dir / 'checkpoints' / 'last.pt'}",
+        "experiment=smoke_tokenizer",
+        f"hydra.run.dir={eval_dir}",
+        "data.env_name=bigfish",
+    )
+    result = json.loads((eval_dir / "eval.json").read_text())
+    assert result["model"] == "tokenizer" and result["step"] == 20
+    assert result["data"]["env_name"] == "bigfish"
+    for key in ("psnr", "ssim", "codebook/usage", "codebook/perplexity", "tokens_per_frame"):
+        assert key in result["metrics"], key
+    assert 0 < result["metrics"]["psnr"] < 100 and 0 <= result["metrics"]["ssim"] <= 1
+    for rel in result["media"].values():
+        assert (eval_dir / rel).stat().st_size > 0
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    out = run_py(
+        "experiment=smoke_tokenizer",
+        "data.resolution=60",
+        "model.spatial_downsample=8",
+        f"hydra.run.dir={tmp_path}",
+        check=False,
+    )
+    assert out.returncode != 0
+    assert "data.resolution=[60, 60] is not divisible by model.spatial_downsample=8" in out.stderr
+    out = run_py(
+        "task=eval", f"checkpoint={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}", check=False
+    )
+    assert out.returncode != 0 and "checkpoint not found" in out.stderr
