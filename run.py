@@ -1,9 +1,9 @@
 """The single entry point: compose the config, validate it, run the task.
 
-    python run.py                                   # train the tokenizer on CoinRun
-    python run.py model=dynamics trainer=ddp        # any group, any override
-    python run.py task=eval checkpoint=PATH data=atari
-    python run.py -m cluster=slurm model.lr=1e-4,3e-4
+python run.py                                   # train the tokenizer on CoinRun
+python run.py model=dynamics trainer=ddp        # any group, any override
+python run.py task=eval checkpoint=PATH data=atari
+python run.py -m cluster=slurm model.lr=1e-4,3e-4
 """
 
 import hydra

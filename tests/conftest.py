@@ -14,8 +14,10 @@ CONF = ROOT / "conf"
 
 # Recorded data (CoinRun clips, decoded videos) is cached once for the whole session, in a folder
 # of its own, so the suite never touches a user's cache.
-os.environ.setdefault("WORLDMODEL_DATA", str(Path(os.environ.get("TMPDIR", "/tmp"))
-                                             / f"worldmodel-test-data-{os.getuid()}"))
+os.environ.setdefault(
+    "WORLDMODEL_DATA",
+    str(Path(os.environ.get("TMPDIR", "/tmp")) / f"worldmodel-test-data-{os.getuid()}"),
+)
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 

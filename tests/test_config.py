@@ -54,7 +54,10 @@ def test_defaults_are_the_design():
         (["model.temporal_downsample=2", "data.clip_length=16"], "data.clip_length"),
         (["model.temporal_downsample=3"], "model.temporal_downsample"),
         (["model.quantizer.kind=pq"], "model.quantizer.kind"),
-        (["model.quantizer={kind: lfq, codebook_size: 1000}"], "model.quantizer.codebook_size"),
+        (
+            ["model.quantizer.kind=lfq", "+model.quantizer.codebook_size=1000"],
+            "model.quantizer.codebook_size",
+        ),
         (["model.quantizer={kind: fsq, levels: [8, 1]}"], "model.quantizer.levels"),
         (["trainer.precision=fp16"], "trainer.precision"),
         (["trainer.batch_size=10", "trainer.grad_accum=3"], "trainer.batch_size"),

@@ -38,8 +38,9 @@ def test_sampler_epochs_are_permutations_and_differ():
 @pytest.mark.parametrize("world, accum", [(2, 1), (2, 2), (4, 1), (1, 4)])
 def test_ranks_and_micro_batches_partition_the_global_batch(world, accum):
     single = take(ResumableSampler(64, 8, seed=1), 8 * 5)
-    per_rank = [take(ResumableSampler(64, 8, accum, r, world, seed=1), 8 * 5 // world)
-                for r in range(world)]
+    per_rank = [
+        take(ResumableSampler(64, 8, accum, r, world, seed=1), 8 * 5 // world) for r in range(world)
+    ]
     micro = 8 // (accum * world)
     rebuilt = []
     for step in range(5):
@@ -57,8 +58,12 @@ def test_sampler_rejects_too_little_data():
 
 def _state(step: int) -> dict:
     model = nn.Linear(3, 2)
-    return {"model": model.state_dict(), "step": step, "rng": ckpt.rng_state(),
-            "config": {"model": {"_target_": "torch.nn.Linear"}}}
+    return {
+        "model": model.state_dict(),
+        "step": step,
+        "rng": ckpt.rng_state(),
+        "config": {"model": {"_target_": "torch.nn.Linear"}},
+    }
 
 
 def test_checkpoint_keeps_last_k_and_links_last(tmp_path):
@@ -109,7 +114,7 @@ def test_pickled_code_is_refused(tmp_path):
     torch.save({"model": {}, "payload": Evil()}, path)
     with pytest.raises(ckpt.CheckpointError, match="weights_only"):
         ckpt.load(path)
-    path.write_bytes(pickle.dumps({"model": {}}) [:5])
+    path.write_bytes(pickle.dumps({"model": {}})[:5])
     with pytest.raises(ckpt.CheckpointError, match="unreadable"):
         ckpt.load(path)
     with pytest.raises(ckpt.CheckpointError, match="not found"):
@@ -118,7 +123,9 @@ def test_pickled_code_is_refused(tmp_path):
 
 def test_incompatible_checkpoint_names_the_difference():
     state = {"model": nn.Linear(3, 2).state_dict(), "config": {"model": {"_target_": "X"}}}
-    with pytest.raises(ckpt.CheckpointError, match=r"weight: checkpoint \(2, 3\) vs model \(4, 3\)"):
+    with pytest.raises(
+        ckpt.CheckpointError, match=r"weight: checkpoint \(2, 3\) vs model \(4, 3\)"
+    ):
         ckpt.check_compatible(state, nn.Linear(3, 4), "c.pt")
     with pytest.raises(ckpt.CheckpointError, match="missing in checkpoint"):
         ckpt.check_compatible(state, nn.Sequential(nn.Linear(3, 2)), "c.pt")
@@ -164,6 +171,9 @@ def test_partial_distributed_environment_is_an_error():
     assert env_from_environment({}) is None
     with pytest.raises(RuntimeError, match="WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT"):
         env_from_environment({"RANK": "0"})
-    env = env_from_environment(collections.OrderedDict(
-        RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1234"))
+    env = env_from_environment(
+        collections.OrderedDict(
+            RANK="1", WORLD_SIZE="2", LOCAL_RANK="1", MASTER_ADDR="h", MASTER_PORT="1234"
+        )
+    )
     assert (env.rank, env.world_size, env.master_port) == (1, 2, 1234)
