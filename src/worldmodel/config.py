@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 # Keys a model or data group may hold that are not constructor arguments: they configure the
 # optimizer or the pipeline around the model, or name the option.
 RESERVED_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "pipeline")
-TASKS = ("train", "eval", "play")
+TASKS = ("train", "eval", "play", "pipeline")
 PRECISIONS = ("fp32", "bf16")
 QUANTIZERS = ("fsq", "lfq", "vq", "rvq")
 

@@ -28,6 +28,11 @@ def run_task(cfg: DictConfig) -> float | None:
 
         evaluate(cfg)
         return None
+    if cfg.task == "pipeline":
+        from worldmodel.pipeline import run_stages
+
+        run_stages(cfg)
+        return None
     from worldmodel.play import play
 
     play(cfg)

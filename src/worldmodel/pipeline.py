@@ -1,0 +1,252 @@
+"""The Genie pipeline around the dynamics model: frozen tokenizer and LAM, tokens cached once.
+
+The dynamics model trains on tokens, not pixels. `token_datasets` loads the frozen tokenizer and
+(for `action_source=latent`) the latent action model named in `model.pipeline`, checks them
+against what the dynamics config needs (vocabulary, token grid, number of actions), and
+tokenizes every frame of a split once into a cache beside the frames. Training then reads token
+clips with the same clip enumeration as the pixel clips.
+
+`run_stages` runs several training stages in one command (`task=pipeline`): each stage is a
+config composed from the stage's overrides, trained in a sub-folder of the run dir; later stages
+refer to earlier stages' checkpoints as `@NAME` (e.g.
+`model.pipeline.tokenizer_checkpoint=@tokenizer`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, open_dict
+from torch import nn
+from tqdm import tqdm
+
+from worldmodel.build import load_model
+from worldmodel.data.dataset import ClipDataset
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+class PipelineError(ValueError):
+    """Frozen parts that do not fit the model that needs them; the message names the values."""
+
+
+def _file_key(path: str | Path) -> str:
+    st = Path(path).stat()
+    return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def load_frozen(path: str | None, role: str, key: str) -> tuple[nn.Module, DictConfig]:
+    if not path:
+        raise PipelineError(f"{key} is not set: the dynamics model needs a trained {role}")
+    model, cfg, _ = load_model(path)
+    model.requires_grad_(False)
+    return model, cfg
+
+
+def check_parts(
+    dyn: DictConfig,
+    tokenizer: nn.Module,
+    tok_cfg: DictConfig,
+    frame_hw: tuple[int, int],
+    num_actions: int | None,
+    source: str,
+) -> None:
+    """The dynamics config must match the frozen tokenizer and the action source."""
+    errors = []
+    if int(dyn.vocab_size) != int(tokenizer.codebook_size):
+        errors.append(
+            f"model.vocab_size={dyn.vocab_size} but the tokenizer has "
+            f"{tokenizer.codebook_size} codes"
+        )
+    s = int(tok_cfg.model.spatial_downsample)
+    grid = [frame_hw[0] // s, frame_hw[1] // s]
+    if list(dyn.grid) != grid:
+        errors.append(
+            f"model.grid={list(dyn.grid)} but the tokenizer makes {grid} tokens per "
+            f"{frame_hw[0]}x{frame_hw[1]} frame"
+        )
+    if int(tok_cfg.model.get("temporal_downsample", 1)) != 1:
+        errors.append(
+            "the tokenizer compresses time (temporal_downsample > 1); the dynamics "
+            "model needs one token grid per frame"
+        )
+    if num_actions is None:
+        errors.append(f"action_source={source} but the data has no actions")
+    elif int(dyn.num_actions) != int(num_actions):
+        errors.append(
+            f"model.num_actions={dyn.num_actions} but the {source} actions have "
+            f"{num_actions} values"
+        )
+    if errors:
+        raise PipelineError(
+            "the dynamics model does not fit its frozen parts:\n  - " + "\n  - ".join(errors)
+        )
+
+
+@torch.no_grad()
+def tokenize_frames(tokenizer: nn.Module, frames: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Token grids (N, h, w) of uint8 frames (N, H, W, C), each frame encoded alone."""
+    out = []
+    for i in tqdm(range(0, len(frames), batch), desc="tokenize", unit="batch", mininterval=2):
+        x = torch.from_numpy(np.asarray(frames[i : i + batch]))  # (n, H, W, C) uint8
+        video = x.permute(0, 3, 1, 2).unsqueeze(2).float().div(127.5).sub(1)  # (n, C, 1, H, W)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            idx = tokenizer.tokenize(video)  # (n, 1, h, w)
+        out.append(idx[:, 0].to(torch.int32).numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def latent_actions(
+    lam: nn.Module,
+    frames: np.ndarray,
+    episodes: list[dict[str, Any]],
+    window: int,
+    batch: int = 32,
+) -> np.ndarray:
+    """The LAM's code for every transition i -> i+1 (N,), -1 at each episode's last frame.
+
+    Episodes are cut into windows of `window` frames that overlap by one frame, so every
+    transition is inferred once, with up to `window - 1` frames of past context.
+    """
+    actions = np.full(len(frames), -1, dtype=np.int64)
+    starts = []
+    for ep in episodes:
+        off, n = int(ep["offset"]), int(ep["length"])
+        if n < 2:
+            continue
+        w = min(window, n)
+        s = 0
+        while True:
+            s = min(s, n - w)
+            starts.append((off + s, w))
+            if s + w >= n:
+                break
+            s += w - 1
+    for i in tqdm(range(0, len(starts), batch), desc="latent actions", mininterval=2):
+        group = starts[i : i + batch]
+        by_len: dict[int, list[int]] = {}
+        for start, w in group:
+            by_len.setdefault(w, []).append(start)
+        for w, firsts in by_len.items():
+            idx = np.asarray(firsts)[:, None] + np.arange(w)  # (n, w)
+            x = torch.from_numpy(np.asarray(frames[idx.reshape(-1)]))
+            x = x.reshape(len(firsts), w, *x.shape[1:])  # (n, T, H, W, C)
+            video = x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)  # (n, C, T, H, W)
+            codes = lam.infer_actions(video).numpy()  # (n, T-1)
+            for row, first in zip(codes, firsts):
+                actions[first : first + w - 1] = row
+    return actions
+
+
+class TokenClipDataset(ClipDataset):
+    """Clips of token grids: `{"tokens": (T, h, w) long, "actions": (T,) long, "mask"}`."""
+
+    def __init__(self, clips: ClipDataset, tokens_path: Path, actions_path: Path) -> None:
+        super().__init__(
+            clips.folder, clips.split, clips.clip_length, clips.frame_stride, clips.clip_stride
+        )
+        self.frames_path, self.actions_path = tokens_path, actions_path
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        tokens, actions = self._open()
+        idx = self._indices(index)
+        return {
+            "tokens": torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64)),
+            "actions": torch.from_numpy(np.asarray(actions[idx], dtype=np.int64)),
+            "mask": torch.ones(self.clip_length, dtype=torch.bool),
+        }
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def token_datasets(cfg: DictConfig, train: ClipDataset, val: ClipDataset) -> tuple[Any, Any]:
+    """Token clip datasets for a dynamics run, tokenizing each split once into a cache."""
+    p = cfg.model.pipeline
+    source = p.get("action_source", "latent")
+    if source not in ("latent", "true"):
+        raise PipelineError(f"model.pipeline.action_source={source!r}: expected latent or true")
+    tokenizer, tok_cfg = load_frozen(
+        p.tokenizer_checkpoint, "tokenizer", "model.pipeline.tokenizer_checkpoint"
+    )
+    lam = lam_cfg = None
+    if source == "latent":
+        lam, lam_cfg = load_frozen(
+            p.lam_checkpoint, "latent action model", "model.pipeline.lam_checkpoint"
+        )
+        num_actions = int(lam.codebook_size)
+    else:
+        num_actions = train.num_actions
+    check_parts(cfg.model, tokenizer, tok_cfg, train.resolution, num_actions, source)
+    key = json.dumps(
+        [
+            CACHE_VERSION,
+            _file_key(p.tokenizer_checkpoint),
+            source,
+            _file_key(p.lam_checkpoint) if lam is not None else None,
+        ]
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    out = []
+    for clips in (train, val):
+        folder = clips.folder / f"tokens-{digest}"
+        tokens_path = folder / f"{clips.split}_tokens.npy"
+        actions_path = folder / f"{clips.split}_{source}_actions.npy"
+        if not (tokens_path.exists() and actions_path.exists()):
+            folder.mkdir(exist_ok=True)
+            frames = np.load(clips.frames_path, mmap_mode="r")
+            log.info("tokenizing %d %s frames into %s", len(frames), clips.split, folder)
+            _save_npy(tokens_path, tokenize_frames(tokenizer, frames))
+            if lam is not None:
+                window = int(lam_cfg.data.clip_length)
+                acts = latent_actions(lam, frames, clips.episodes, window)
+            else:
+                acts = np.load(clips.actions_path)
+            _save_npy(actions_path, acts)  # written last: its presence marks the cache complete
+        out.append(TokenClipDataset(clips, tokens_path, actions_path))
+    return out[0], out[1]
+
+
+def run_stages(cfg: DictConfig) -> dict[str, str]:
+    """Train each stage of `cfg.stages` in order; returns the stages' checkpoint paths."""
+    from hydra import compose
+
+    from worldmodel.config import validate
+    from worldmodel.tasks import run_task
+
+    run_dir = Path(cfg.run_dir)
+    done: dict[str, str] = {}
+    for name, spec in cfg.stages.items():
+        overrides = [str(o) for o in spec.overrides]
+        for prev, path in done.items():
+            overrides = [o.replace(f"=@{prev}", f"={path}") for o in overrides]
+        stage_cfg = compose(config_name="config", overrides=[*cfg.get("common", []), *overrides])
+        with open_dict(stage_cfg):
+            stage_cfg.run_dir = str(run_dir / name)
+        log.info("stage %s: %s", name, " ".join(overrides))
+        validate(stage_cfg)
+        run_task(stage_cfg)
+        done[name] = str(run_dir / name / "checkpoints" / "last.pt")
+    (run_dir / "stages.json").write_text(json.dumps(done, indent=2))
+    return done
+
+
+def stage_summary(run_dir: str | Path) -> dict[str, Any]:
+    """Every stage's eval.json, keyed by stage (for reports)."""
+    out = {}
+    for path in sorted(Path(run_dir).glob("*/eval.json")):
+        out[path.parent.name] = json.loads(path.read_text())
+    return out
