@@ -1,0 +1,240 @@
+"""One adapter over `vector-quantize-pytorch` so every model sees the same quantizer interface.
+
+`build_quantizer(kind, dim, **kwargs)` returns a `Quantizer` whose `forward(z)` takes channel-first
+latents z (B, D, ...) and returns `(codes, indices, aux_loss, stats)`:
+
+- codes: same shape as z, the quantized latents (straight-through / rotation-trick gradients);
+- indices: (B, ...) long, one integer per latent position, in [0, codebook_size);
+- aux_loss: scalar, the quantizer's own loss (commitment, entropy) already weighted, 0 for FSQ;
+- stats: `perplexity` (exp of the entropy of the code histogram of the batch) and `usage`
+  (fraction of the codebook used in the batch), both detached scalars.
+
+Kinds: `fsq` (levels), `lfq` (codebook_size = 2^bits), `vq` (EMA codebook, k-means init, dead-code
+restart, rotation trick), `rvq` (residual VQ; its per-level indices are folded into one integer
+sum_q i_q * K^q so the interface stays one index per position; `codebook_size` is K^Q).
+
+Quantization always runs in fp32 with autocast disabled: the library only switches off CUDA
+autocast, and bf16 distances or roundings on the CPU would pick wrong codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from einops import pack, rearrange, unpack
+from torch import Tensor, nn
+from vector_quantize_pytorch import FSQ, LFQ, ResidualVQ, VectorQuantize
+
+KINDS = ("fsq", "lfq", "vq", "rvq")
+
+# Keyword arguments each kind accepts (besides `dim`); anything else is a config typo.
+_ALLOWED = {
+    "fsq": {"levels"},
+    "lfq": {
+        "codebook_size",
+        "entropy_loss_weight",
+        "commitment_loss_weight",
+        "diversity_gamma",
+        "frac_per_sample_entropy",
+    },
+    "vq": {
+        "codebook_size",
+        "codebook_dim",
+        "decay",
+        "kmeans_init",
+        "kmeans_iters",
+        "threshold_ema_dead_code",
+        "rotation_trick",
+        "commitment_weight",
+        "use_cosine_sim",
+    },
+    "rvq": {
+        "codebook_size",
+        "codebook_dim",
+        "num_quantizers",
+        "decay",
+        "kmeans_init",
+        "kmeans_iters",
+        "threshold_ema_dead_code",
+        "rotation_trick",
+        "commitment_weight",
+        "use_cosine_sim",
+    },
+}
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ValueError(f"quantizer config key '{key}': {message}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class Quantizer(nn.Module):
+    """Uniform wrapper: channel-first latents in, (codes, indices, aux_loss, stats) out."""
+
+    def __init__(self, kind: str, dim: int, impl: nn.Module, codebook_size: int, **info: Any):
+        super().__init__()
+        self.kind = kind
+        self.dim = dim
+        self.impl = impl
+        self.codebook_size = int(codebook_size)
+        # rvq only: size of each level's codebook and number of levels (for index folding).
+        self.level_size = int(info.get("level_size", codebook_size))
+        self.num_levels = int(info.get("num_levels", 1))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, dim={self.dim}, codebook_size={self.codebook_size}"
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
+        if z.shape[1] != self.dim:
+            raise ValueError(f"quantizer expects {self.dim} channels, got shape {tuple(z.shape)}")
+        x = rearrange(z, "b d ... -> b ... d")
+        x, ps = pack([x], "b * d")  # (B, N, D)
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            x = x.float()
+            if self.kind == "fsq":
+                q, idx = self.impl(x)
+                aux = x.new_zeros(())
+            elif self.kind == "lfq":
+                q, idx, aux = self.impl(x)
+            elif self.kind == "vq":
+                q, idx, aux = self.impl(x)
+            else:  # rvq: idx (B, N, Q), aux (Q,) or (1, Q)
+                q, idx, aux = self.impl(x)
+                aux = aux.sum()
+            level_idx = idx.long()
+            if self.kind == "rvq":
+                idx = self._fold(level_idx)
+                stats = _code_stats(level_idx, self.level_size)
+            else:
+                idx = level_idx
+                stats = _code_stats(idx, self.codebook_size)
+        codes = rearrange(unpack(q, ps, "b * d")[0], "b ... d -> b d ...").to(z.dtype)
+        indices = unpack(idx, ps, "b *")[0]  # (B, ...)
+        return codes, indices, aux.reshape(()), stats
+
+    @torch.no_grad()
+    def _fold(self, level_idx: Tensor) -> Tensor:
+        """(B, N, Q) per-level indices -> (B, N) one integer sum_q i_q * K^q."""
+        base = self.level_size ** torch.arange(self.num_levels, device=level_idx.device)
+        return (level_idx * base).sum(-1)
+
+    def _unfold(self, idx: Tensor) -> Tensor:
+        """(B, N) -> (B, N, Q) per-level indices."""
+        base = self.level_size ** torch.arange(self.num_levels, device=idx.device)
+        return (idx.unsqueeze(-1) // base) % self.level_size
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """indices (B, ...) long -> codes (B, D, ...) (fp32)."""
+        idx, ps = pack([indices.long()], "b *")  # (B, N)
+        with torch.autocast(device_type=indices.device.type, enabled=False):
+            if self.kind == "fsq":
+                q = self.impl.indices_to_codes(idx)
+            elif self.kind == "lfq":
+                q = self.impl.indices_to_codes(idx)
+            elif self.kind == "vq":
+                q = self.impl.get_output_from_indices(idx)
+            else:
+                q = self.impl.get_output_from_indices(self._unfold(idx))
+        q = unpack(q.float(), ps, "b * d")[0]  # (B, ..., D)
+        return rearrange(q, "b ... d -> b d ...")
+
+
+@torch.no_grad()
+def _code_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
+    """Usage and perplexity of the batch's code histogram; for (..., Q) indices, mean over Q."""
+    if indices.ndim == 3:  # rvq (B, N, Q): one histogram per level
+        per = [_code_stats(indices[..., q], codebook_size) for q in range(indices.shape[-1])]
+        return {k: torch.stack([p[k] for p in per]).mean() for k in per[0]}
+    counts = torch.bincount(indices.reshape(-1), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1.0)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum()
+    return {
+        "perplexity": entropy.exp(),
+        "usage": (counts > 0).float().mean(),
+    }
+
+
+def build_quantizer(kind: str, dim: int, **kwargs: Any) -> Quantizer:
+    """Build a `Quantizer`; raises ValueError naming the offending config key."""
+    _require(kind in KINDS, "kind", f"unknown quantizer '{kind}', expected one of {KINDS}")
+    _require(_is_int(dim) and dim >= 1, "dim", f"must be a positive int, got {dim!r}")
+    unknown = sorted(set(kwargs) - _ALLOWED[kind])
+    _require(not unknown, unknown[0] if unknown else "", f"not accepted by kind '{kind}'")
+
+    if kind == "fsq":
+        levels = kwargs.get("levels")
+        _require(
+            isinstance(levels, (list, tuple)) and len(levels) > 0,
+            "levels",
+            f"fsq needs a non-empty list of levels, got {levels!r}",
+        )
+        _require(
+            all(_is_int(level) and level >= 3 for level in levels),
+            "levels",
+            f"each fsq level must be an int >= 3 (use kind=lfq for binary codes), got {levels!r}",
+        )
+        impl = FSQ(levels=list(levels), dim=dim)
+        return Quantizer(kind, dim, impl, math.prod(levels))
+
+    size = kwargs.get("codebook_size")
+    _require(_is_int(size) and size >= 2, "codebook_size", f"must be an int >= 2, got {size!r}")
+
+    if kind == "lfq":
+        _require(
+            size & (size - 1) == 0,
+            "codebook_size",
+            f"lfq needs a power of 2, got {size} (nearest: {2 ** round(math.log2(size))})",
+        )
+        _require(
+            size <= 2**18, "codebook_size", f"lfq entropy loss needs <= 2^18 codes, got {size}"
+        )
+        impl = LFQ(
+            dim=dim,
+            codebook_size=size,
+            entropy_loss_weight=float(kwargs.get("entropy_loss_weight", 0.1)),
+            commitment_loss_weight=float(kwargs.get("commitment_loss_weight", 0.25)),
+            diversity_gamma=float(kwargs.get("diversity_gamma", 1.0)),
+            frac_per_sample_entropy=float(kwargs.get("frac_per_sample_entropy", 1.0)),
+        )
+        return Quantizer(kind, dim, impl, size)
+
+    codebook_dim = kwargs.get("codebook_dim", dim)
+    _require(
+        _is_int(codebook_dim) and codebook_dim >= 1,
+        "codebook_dim",
+        f"must be a positive int, got {codebook_dim!r}",
+    )
+    decay = float(kwargs.get("decay", 0.99))
+    _require(0.0 < decay < 1.0, "decay", f"EMA decay must be in (0, 1), got {decay}")
+    vq_kwargs = dict(
+        decay=decay,
+        kmeans_init=bool(kwargs.get("kmeans_init", True)),
+        kmeans_iters=int(kwargs.get("kmeans_iters", 10)),
+        threshold_ema_dead_code=float(kwargs.get("threshold_ema_dead_code", 2)),
+        rotation_trick=bool(kwargs.get("rotation_trick", True)),
+        commitment_weight=float(kwargs.get("commitment_weight", 0.25)),
+        use_cosine_sim=bool(kwargs.get("use_cosine_sim", False)),
+        # never all-reduce codebooks implicitly; the loop owns distribution
+        sync_codebook=False,
+    )
+    if kind == "vq":
+        impl = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs)
+        return Quantizer(kind, dim, impl, size)
+
+    levels = kwargs.get("num_quantizers", 2)
+    _require(_is_int(levels) and levels >= 1, "num_quantizers", f"must be >= 1, got {levels!r}")
+    _require(
+        size**levels < 2**62,
+        "num_quantizers",
+        f"codebook_size^num_quantizers = {size}^{levels} does not fit one int64 index",
+    )
+    impl = ResidualVQ(
+        dim=dim, codebook_size=size, codebook_dim=codebook_dim, num_quantizers=levels, **vq_kwargs
+    )
+    return Quantizer(kind, dim, impl, size**levels, level_size=size, num_levels=levels)
