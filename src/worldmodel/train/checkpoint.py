@@ -64,11 +64,24 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
+        # torch.save can turn an OSError (a full disk) into a RuntimeError of its zip writer.
+        cause = _os_error(e)
+        if cause is not None:
             kept = f"the previous {path.name} is intact" if path.exists() else "none was written"
-            raise CheckpointError(f"could not write checkpoint {path}: {e}; {kept}") from e
+            raise CheckpointError(f"could not write checkpoint {path}: {cause}; {kept}") from e
         raise
     _fsync_dir(path.parent)
+
+
+def _os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind an exception, following its chain of causes."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -116,7 +129,13 @@ class CheckpointManager:
 
     def save(self, state: dict[str, Any], step: int) -> Path:
         path = self.folder / f"step_{step:08d}.pt"
-        atomic_save({"format": FORMAT_VERSION, **state}, path)
+        try:
+            atomic_save({"format": FORMAT_VERSION, **state}, path)
+        except CheckpointError as e:
+            last = self.folder / LAST
+            if last.exists():
+                raise CheckpointError(f"{e}; the previous {last} is intact") from e
+            raise
         tmp_link = self.folder / f".{LAST}.tmp-{os.getpid()}"
         tmp_link.unlink(missing_ok=True)
         try:

@@ -1,13 +1,18 @@
 """Process groups: one process, N spawned processes, torchrun, or SLURM tasks.
 
 The environment decides: torchrun's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
-MASTER_PORT) when they are set; otherwise `trainer.devices` processes are spawned here. A partial
-environment is an error, never a silent fall-back to one process.
+MASTER_PORT) when they are set; else, in a submitit job (`cluster=slurm|submitit_local`), the
+tasks of the job as `submitit.JobEnvironment` describes them (every task runs the task function;
+the master is the first node of the job, the port a function of the job id); otherwise
+`trainer.devices` processes are spawned here. A partial environment is an error, never a silent
+fall-back to one process.
 """
 
 from __future__ import annotations
 
 import os
+import random
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +22,8 @@ import torch
 import torch.distributed as torch_dist
 
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# The JobEnvironment entries a submitit job needs (their variable names differ per executor).
+SUBMITIT_KEYS = ("job_id", "num_tasks", "num_nodes", "global_rank", "local_rank", "nodes")
 
 
 @dataclass(frozen=True)
@@ -39,10 +46,17 @@ class DistEnv:
 
 
 def env_from_environment(environ: dict[str, str] | None = None) -> DistEnv | None:
-    """The torchrun environment, None when there is none; a partial one raises."""
+    """The torchrun or submitit environment, None when there is none; a partial one raises.
+
+    Under submitit the values come from `submitit.JobEnvironment`, which reads `os.environ`;
+    `environ` only decides which environment is present. A one-task submitit job returns None,
+    so `trainer.devices` decides as on a workstation.
+    """
     environ = dict(os.environ if environ is None else environ)
     present = [k for k in TORCHRUN_KEYS if k in environ]
     if not present:
+        if environ.get("SUBMITIT_EXECUTOR"):
+            return _submitit_env(environ)
         return None
     missing = [k for k in TORCHRUN_KEYS if k not in environ]
     if missing:
@@ -57,6 +71,62 @@ def env_from_environment(environ: dict[str, str] | None = None) -> DistEnv | Non
         master_addr=environ["MASTER_ADDR"],
         master_port=int(environ["MASTER_PORT"]),
     )
+
+
+def _submitit_env(environ: dict[str, str]) -> DistEnv | None:
+    import submitit
+
+    try:
+        job = submitit.JobEnvironment()
+    except RuntimeError as e:
+        raise RuntimeError(
+            f"SUBMITIT_EXECUTOR={environ['SUBMITIT_EXECUTOR']} but no submitit job environment: {e}"
+        ) from e
+    names = {k: job._env[k] for k in SUBMITIT_KEYS if k in job._env}
+    missing = [v for v in names.values() if v not in environ]
+    if missing:
+        have = [v for v in names.values() if v in environ]
+        raise RuntimeError(
+            f"partial {job.cluster} job environment: {', '.join(have) or 'nothing'} set but "
+            f"{', '.join(missing)} missing; submitit jobs must be started by submitit"
+        )
+    if job.num_tasks == 1:
+        return None
+    # Every task derives the same port from the job id (an array task has its own id, so two
+    # array tasks sharing a node do not collide); a requeued job keeps its id and its port.
+    port = random.Random(job.job_id).randint(20000, 60000)
+    return DistEnv(
+        rank=job.global_rank,
+        local_rank=job.local_rank,
+        world_size=job.num_tasks,
+        # One node: loopback, which needs no name resolution; several: the job's first node.
+        master_addr="127.0.0.1" if job.num_nodes == 1 else job.hostnames[0],
+        master_port=port,
+    )
+
+
+def preemption_signal() -> signal.Signals | None:
+    """The signal SLURM sends a submitit job before its time limit or a preemption (USR2 unless
+    `SUBMITIT_PREEMPT_SIGNAL` says otherwise); None outside submitit."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return None
+    name = os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
+    return getattr(signal, f"SIG{name}", signal.SIGUSR2)
+
+
+def stopped_by_signal(name: str, step: int, previous: dict[int, Any]) -> None:
+    """After a signal stopped training early (its checkpoint written): in a submitit job, hand
+    the job back to SLURM without reporting a result, so no one takes a cut run for a finished
+    one. The preemption signal goes on to submitit's handler, which requeues the job from rank 0
+    (the requeued job resumes from `last.pt` in the same run dir); after SIGTERM, SLURM is already
+    ending or requeueing the job. Outside submitit this returns and the run ends normally."""
+    if not os.environ.get("SUBMITIT_EXECUTOR"):
+        return
+    preempt = preemption_signal()
+    handler = previous.get(preempt)
+    if preempt is not None and name == preempt.name and callable(handler):
+        handler(preempt, None)  # rank 0: dump the resubmission, `scontrol requeue`, exit
+    raise SystemExit(f"stopped by {name} at step {step}; checkpoint saved, SLURM ends this run")
 
 
 def free_port() -> int:
@@ -74,8 +144,20 @@ def launch(fn: Callable[..., Any], devices: int, *args: Any) -> Any:
     """Call `fn(env, *args)` in every process of the job; returns rank 0's result when local."""
     env = env_from_environment()
     if env is not None:
-        if devices > 1 and env.world_size == 1:
-            raise RuntimeError(f"trainer.devices={devices} but the environment says WORLD_SIZE=1")
+        if devices != env.world_size:
+            # The per-process batch is derived from trainer.devices: it must be the world size.
+            raise RuntimeError(
+                f"trainer.devices={devices} but the environment has {env.world_size} processes "
+                f"(torchrun WORLD_SIZE or SLURM tasks); set trainer.devices={env.world_size}"
+            )
+        # Code that asks torchrun's variables (one evaluation on rank 0) sees the same ranks.
+        os.environ.update(
+            RANK=str(env.rank),
+            WORLD_SIZE=str(env.world_size),
+            LOCAL_RANK=str(env.local_rank),
+            MASTER_ADDR=env.master_addr,
+            MASTER_PORT=str(env.master_port),
+        )
         return fn(env, *args)
     if devices == 1:
         return fn(DistEnv(), *args)

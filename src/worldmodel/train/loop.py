@@ -163,7 +163,11 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
     def request_stop(signum: int, _frame: Any) -> None:
         stop["signal"] = signal.Signals(signum).name
 
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    # In a submitit job SLURM also sends USR2 before a time limit or preemption: stop the same way,
+    # then hand over to submitit's handler (requeue) once the checkpoint is written.
+    preempt = dist.preemption_signal()
+    stop_signals = (signal.SIGTERM, signal.SIGINT, *((preempt,) if preempt else ()))
+    previous = {s: signal.signal(s, request_stop) for s in stop_signals}
 
     def save() -> None:
         if not env.is_main:
@@ -301,6 +305,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
             signal.signal(s, handler)
         if logger is not None:
             logger.close()
+    if stop["signal"] is not None and step < int(tr.max_steps):
+        dist.stopped_by_signal(stop["signal"], step, previous)
     return val_loss
 
 
