@@ -96,7 +96,7 @@ def tokenize_frames(tokenizer: nn.Module, frames: np.ndarray, batch: int = 256) 
     """Token grids (N, h, w) of uint8 frames (N, H, W, C), each frame encoded alone."""
     out = []
     for i in tqdm(range(0, len(frames), batch), desc="tokenize", unit="batch", mininterval=2):
-        x = torch.from_numpy(np.asarray(frames[i : i + batch]))  # (n, H, W, C) uint8
+        x = torch.from_numpy(np.array(frames[i : i + batch]))  # (n, H, W, C) uint8
         video = x.permute(0, 3, 1, 2).unsqueeze(2).float().div(127.5).sub(1)  # (n, C, 1, H, W)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             idx = tokenizer.tokenize(video)  # (n, 1, h, w)
@@ -138,7 +138,7 @@ def latent_actions(
             by_len.setdefault(w, []).append(start)
         for w, firsts in by_len.items():
             idx = np.asarray(firsts)[:, None] + np.arange(w)  # (n, w)
-            x = torch.from_numpy(np.asarray(frames[idx.reshape(-1)]))
+            x = torch.from_numpy(np.array(frames[idx.reshape(-1)]))
             x = x.reshape(len(firsts), w, *x.shape[1:])  # (n, T, H, W, C)
             video = x.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)  # (n, C, T, H, W)
             codes = lam.infer_actions(video).numpy()  # (n, T-1)
@@ -187,7 +187,7 @@ def token_datasets(cfg: DictConfig, train: ClipDataset, val: ClipDataset) -> tup
         lam, lam_cfg = load_frozen(
             p.lam_checkpoint, "latent action model", "model.pipeline.lam_checkpoint"
         )
-        num_actions = int(lam.codebook_size)
+        num_actions = int(lam.num_actions)
     else:
         num_actions = train.num_actions
     check_parts(cfg.model, tokenizer, tok_cfg, train.resolution, num_actions, source)
@@ -211,7 +211,7 @@ def token_datasets(cfg: DictConfig, train: ClipDataset, val: ClipDataset) -> tup
             log.info("tokenizing %d %s frames into %s", len(frames), clips.split, folder)
             _save_npy(tokens_path, tokenize_frames(tokenizer, frames))
             if lam is not None:
-                window = int(lam_cfg.data.clip_length)
+                window = min(int(lam_cfg.data.clip_length), int(lam_cfg.model.max_frames))
                 acts = latent_actions(lam, frames, clips.episodes, window)
             else:
                 acts = np.load(clips.actions_path)

@@ -40,8 +40,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     if name in TOKENIZERS:
         metrics, media, n = evaluate_tokenizer(model, val, cfg, run_dir)
+    elif name == "lam":
+        from worldmodel.eval.world import evaluate_lam
+
+        metrics, media, n = evaluate_lam(model, cfg, run_dir, state)
+    elif mcfg.model.get("pipeline") is not None:
+        from worldmodel.eval.world import evaluate_dynamics
+
+        metrics, media, n = evaluate_dynamics(model, cfg, run_dir, state)
     else:
-        raise NotImplementedError(f"task=eval has no evaluation for model {name!r} yet")
+        raise NotImplementedError(f"task=eval has no evaluation for model {name!r}")
     result = {
         "schema": SCHEMA_VERSION,
         "model": name,

@@ -1,0 +1,251 @@
+"""World-model evaluation on tiny real models and real recorded CoinRun clips.
+
+The models are randomly initialised (nothing is trained here), small enough that a whole
+evaluation runs in seconds, and saved as real checkpoints in the project's format; the data is a
+tiny procgen recording made through the real data source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from worldmodel.build import load_model
+from worldmodel.config import instantiate
+from worldmodel.eval import world as W
+from worldmodel.train.checkpoint import atomic_save
+
+DATA = [
+    "data.train_frames=300",
+    "data.val_frames=300",
+    "data.num_envs=4",
+    "data.train_num_levels=20",
+    "data.clip_length=10",
+    "trainer.progress=false",
+    "trainer.threads=1",
+    "logger=none",
+]
+TOKENIZER = {
+    "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
+    "name": "tokenizer",
+    "channels": [8, 16],
+    "spatial_downsample": 8,  # 64x64 frames -> 8x8 tokens
+    "num_res_blocks": 1,
+    "num_mid_blocks": 1,
+    "quantizer": {"kind": "fsq", "levels": [5, 5, 5]},
+}
+LAM = {
+    "_target_": "worldmodel.models.lam.LatentActionModel",
+    "name": "lam",
+    "image_size": 64,
+    "patch_size": 16,
+    "max_frames": 10,
+    "dim": 32,
+    "enc_depth": 1,
+    "dec_depth": 1,
+    "heads": 2,
+    "num_actions": 4,
+    "code_dim": 8,
+}
+DYNAMICS = {
+    "_target_": "worldmodel.models.dynamics.DynamicsModel",
+    "name": "dynamics",
+    "grid": [8, 8],
+    "max_frames": 8,  # shorter than the 10-frame clips: windows slide in rollouts
+    "dim": 32,
+    "depth": 2,
+    "heads": 2,
+}
+
+
+@dataclass
+class TinyWorld:
+    """Checkpoints of a tiny tokenizer, LAM and dynamics models, and the data they go with."""
+
+    tokenizer: Path
+    lam: Path
+    dynamics_true: Path  # conditioned on the recorded (true) actions
+    dynamics_latent: Path  # conditioned on the LAM's latent actions
+
+    def config(self, checkpoint: Path, *overrides: str, run_dir: Path | None = None) -> DictConfig:
+        return compose_config([*DATA, f"checkpoint={checkpoint}", *overrides], run_dir=run_dir)
+
+
+def _save(model_cfg: dict, data_cfg: dict, path: Path) -> Path:
+    """A checkpoint in the project's format (model weights, step, resolved config)."""
+    model = instantiate(OmegaConf.create(model_cfg))
+    atomic_save(
+        {"model": model.state_dict(), "step": 0, "config": {"model": model_cfg, "data": data_cfg}},
+        path,
+    )
+    return path
+
+
+def build_world(root: Path) -> TinyWorld:
+    torch.manual_seed(0)
+    cfg = compose_config(DATA)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    instantiate(cfg.data).datasets()  # record the clips once
+    tokenizer = _save(TOKENIZER, data, root / "tokenizer.pt")
+    lam = _save(LAM, data, root / "lam.pt")
+    vocab = 5 * 5 * 5
+    dynamics = []
+    for source, num_actions in (("true", 15), ("latent", LAM["num_actions"])):
+        pipeline = {
+            "tokenizer_checkpoint": str(tokenizer),
+            "lam_checkpoint": str(lam),
+            "action_source": source,
+        }
+        dyn = {**DYNAMICS, "vocab_size": vocab, "num_actions": num_actions, "pipeline": pipeline}
+        dynamics.append(_save(dyn, data, root / f"dynamics_{source}.pt"))
+    return TinyWorld(tokenizer, lam, *dynamics)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Iterator[TinyWorld]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    yield build_world(tmp_path_factory.mktemp("world"))
+    torch.set_num_threads(threads)
+
+
+def _finite(value) -> bool:
+    return all(math.isfinite(v) for v in np.ravel(value))
+
+
+def test_evaluate_dynamics_reports_every_metric_and_media(world, tmp_path):
+    torch.manual_seed(0)
+    cfg = world.config(world.dynamics_true, "eval.batches=2", "eval.batch_size=4", run_dir=tmp_path)
+    model, _, state = load_model(cfg.checkpoint)
+    metrics, media, n = W.evaluate_dynamics(model, cfg, tmp_path, state)
+
+    assert n == 8
+    horizon = 8  # eval.horizon default; the 10-frame clips hold 1 context + 8 frames
+    for key in (
+        "psnr",
+        "ssim",
+        "token_acc",
+        "masked_acc",
+        "ce",
+        "copy_last_psnr",
+        "tokenizer_psnr",
+    ):
+        assert _finite(metrics[key]), key
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    assert 0 <= metrics["token_acc"] <= 1 and 0 <= metrics["masked_acc"] <= 1
+    # a random model cannot beat copying the last real frame on CoinRun
+    assert metrics["copy_last_psnr"] > metrics["psnr"] + 5
+    assert len(metrics["rollout_psnr"]) == len(metrics["rollout_psnr_random"]) == horizon
+    assert metrics["rollout_psnr"] != metrics["rollout_psnr_random"]  # random actions were used
+    for t in range(1, horizon + 1):
+        assert _finite([metrics[f"delta_psnr_t{t}"], metrics[f"delta_psnr_t{t}_stderr"]])
+        assert abs(metrics[f"delta_psnr_t{t}"]) < 5  # an untrained model: no control either way
+        assert metrics[f"delta_psnr_t{t}_stderr"] > 0
+    assert metrics["delta_psnr_horizon"] == 4 and metrics["delta_psnr"] == metrics["delta_psnr_t4"]
+    assert metrics["delta_psnr_clips"] == n
+    assert metrics["fvd_random_features"] > 0  # real clips vs noise-like generated ones
+    assert metrics["gen_fps"] > 0
+    json.dumps(metrics)  # eval.json-ready
+
+    assert set(media) == {
+        "next_frame_grid",
+        "rollout_psnr_plot",
+        "delta_psnr_plot",
+        "rollout_gif",
+        "rollout_mp4",
+    }
+    for path in media.values():
+        assert Path(path).is_file() and Path(path).stat().st_size > 0
+    with Image.open(media["rollout_gif"]) as gif:
+        # 4 clips stacked, each 64 px high at scale 2, real | generated side by side
+        assert gif.size == (2 * (2 * 64 + 2), 4 * 64 * 2)
+        assert gif.n_frames == 1 + horizon
+
+
+def test_evaluate_dynamics_is_deterministic_and_clamps_the_horizon(world, tmp_path, caplog):
+    torch.manual_seed(0)
+    overrides = ("eval.batches=1", "eval.batch_size=3", "++eval.horizon=12", "++eval.steps=2")
+    results = []
+    for i in range(2):
+        cfg = world.config(world.dynamics_true, *overrides, run_dir=tmp_path / str(i))
+        model, _, state = load_model(cfg.checkpoint)
+        torch.manual_seed(i)  # the global RNG must not matter
+        metrics, _, _ = W.evaluate_dynamics(model, cfg, tmp_path / str(i), state)
+        metrics.pop("gen_fps")
+        results.append(metrics)
+    assert results[0] == results[1]
+    assert len(results[0]["rollout_psnr"]) == 9  # 10-frame clips after 1 context frame
+    assert "does not fit clips" in caplog.text
+
+
+def test_evaluate_lam_reports_codes_and_agreement_with_true_actions(world, tmp_path):
+    torch.manual_seed(0)
+    cfg = world.config(world.lam, "eval.batches=2", "eval.batch_size=4", run_dir=tmp_path)
+    model, _, state = load_model(cfg.checkpoint)
+    metrics, media, n = W.evaluate_lam(model, cfg, tmp_path, state)
+
+    assert n == 8
+    for key in ("psnr", "ssim", "random_action_psnr", "copy_last_psnr", "delta_psnr"):
+        assert _finite(metrics[key]), key
+    assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    # 8 clips of 10 frames: 9 transitions each, one code per transition
+    fractions = metrics["codebook/fraction"]
+    assert len(fractions) == 4 and sum(fractions) == pytest.approx(1.0)
+    assert 0 < metrics["codebook/usage"] <= 1 and 1 <= metrics["codebook/perplexity"] <= 4
+    assert metrics["action_pairs"] == 8 * 9
+    assert 0 <= metrics["action_nmi"] <= 1 and 0 < metrics["action_agreement"] <= 1
+    confusion = np.array(metrics["action_confusion"])
+    assert confusion.shape == (15, 4) and confusion.sum() == 8 * 9
+    for action, code in metrics["action_mapping"].items():  # the most frequent code per action
+        assert confusion[int(action)].argmax() == code
+    json.dumps(metrics)
+    assert set(media) == {"next_frame_grid", "action_confusion"}
+    assert all(Path(p).is_file() for p in media.values())
+
+
+def test_alignment_of_codes_with_true_actions(tmp_path):
+    """Codes that rename the true actions align perfectly; codes independent of them do not."""
+    torch.manual_seed(0)
+    true = torch.randint(0, 6, (2000,))
+    true[:10] = -1  # unknown actions are left out
+    renamed = torch.tensor([3, 0, 4, 1, 5, 2])[true.clamp_min(0)]
+    metrics, path = W._alignment(true, renamed, 6, 6, tmp_path / "confusion.png")
+    assert metrics["action_nmi"] == pytest.approx(1.0) and metrics["action_agreement"] == 1.0
+    assert metrics["action_mapping"] == {"0": 3, "1": 0, "2": 4, "3": 1, "4": 5, "5": 2}
+    assert metrics["action_pairs"] == 1990 and path.is_file()
+    noise = torch.randint(0, 6, (2000,))
+    metrics, _ = W._alignment(true, noise, 6, 6, tmp_path / "noise.png")
+    assert metrics["action_nmi"] < 0.05 and metrics["action_agreement"] < 0.3
+    assert W._alignment(torch.full((5,), -1), noise[:5], 6, 6, tmp_path / "none.png") == ({}, None)
+
+
+def test_evaluate_dynamics_on_latent_actions(world, tmp_path):
+    """A dynamics model on LAM actions: its token clips carry the LAM's codes, and the LAM's
+    mapping of true actions to codes can be read from the cache."""
+    torch.manual_seed(0)
+    cfg = world.config(
+        world.dynamics_latent, "eval.batches=1", "eval.batch_size=2", run_dir=tmp_path
+    )
+    model, _, state = load_model(cfg.checkpoint)
+    metrics, _, n = W.evaluate_dynamics(model, cfg, tmp_path, state)
+    assert n == 2 and _finite(metrics["delta_psnr"]) and _finite(metrics["psnr"])
+
+    parts = W.load_world(model, state)
+    assert parts.action_source == "latent" and parts.lam is not None
+    pixels = W.pixel_val(cfg.data)
+    tokens = W.token_val(parts, cfg.data, pixels)
+    clip = tokens[0]["actions"][:-1]
+    assert clip.min() >= 0 and clip.max() < 4  # LAM codes, not the 15 true actions
+    confusion, mapping = W.true_action_mapping(pixels, tokens, 4)
+    assert confusion.shape == (15, 4) and set(mapping.values()) <= set(range(4))
+    assert int(confusion.sum()) == pixels.num_frames - pixels.num_episodes  # one per transition
