@@ -65,3 +65,19 @@ def test_bad_input_fails_before_any_work(tmp_path):
         "task=eval", f"checkpoint={tmp_path / 'nope.pt'}", f"hydra.run.dir={tmp_path}", check=False
     )
     assert out.returncode != 0 and "checkpoint not found" in out.stderr
+
+
+def test_genie_pipeline_end_to_end(tmp_path):
+    """Tokenizer -> LAM -> dynamics (recorded actions) -> eval of each -> a headless rollout."""
+    run_py("experiment=smoke_genie", f"hydra.run.dir={tmp_path}", "logger=none")
+    stages = json.loads((tmp_path / "stages.json").read_text())
+    assert list(stages) == ["tokenizer", "lam", "dynamics"]
+    results = {name: json.loads((tmp_path / name / "eval.json").read_text()) for name in stages}
+    assert {r["schema"] for r in results.values()} == {1}
+    assert "action_nmi" in results["lam"]["metrics"]
+    dyn = results["dynamics"]["metrics"]
+    for key in ("psnr", "rollout_psnr", "delta_psnr", "delta_psnr_stderr", "gen_fps"):
+        assert key in dyn, key
+    played = json.loads((tmp_path / "play" / "play.json").read_text())
+    assert len(played["actions"]) == 6
+    assert (tmp_path / "play" / "play.gif").stat().st_size > 0

@@ -43,6 +43,15 @@ def _file_key(path: str | Path) -> str:
     return f"{Path(path).resolve()}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def action_source(pipeline: DictConfig) -> str:
+    """`latent` or `true`; YAML and the command line read a bare `true` as a boolean."""
+    source = pipeline.get("action_source", "latent")
+    source = {True: "true", False: "latent"}.get(source, source)
+    if source not in ("latent", "true"):
+        raise PipelineError(f"model.pipeline.action_source={source!r}: expected latent or true")
+    return source
+
+
 def load_frozen(path: str | None, role: str, key: str) -> tuple[nn.Module, DictConfig]:
     if not path:
         raise PipelineError(f"{key} is not set: the dynamics model needs a trained {role}")
@@ -176,9 +185,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def token_datasets(cfg: DictConfig, train: ClipDataset, val: ClipDataset) -> tuple[Any, Any]:
     """Token clip datasets for a dynamics run, tokenizing each split once into a cache."""
     p = cfg.model.pipeline
-    source = p.get("action_source", "latent")
-    if source not in ("latent", "true"):
-        raise PipelineError(f"model.pipeline.action_source={source!r}: expected latent or true")
+    source = action_source(p)
     tokenizer, tok_cfg = load_frozen(
         p.tokenizer_checkpoint, "tokenizer", "model.pipeline.tokenizer_checkpoint"
     )
@@ -220,27 +227,55 @@ def token_datasets(cfg: DictConfig, train: ClipDataset, val: ClipDataset) -> tup
     return out[0], out[1]
 
 
+def _command_line_overrides() -> list[str]:
+    """The user's overrides of this run, passed on to every stage (not the recipe's own)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    skip = ("experiment=", "task=", "hydra.", "play.", "+play.", "++play.")
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+
+
 def run_stages(cfg: DictConfig) -> dict[str, str]:
-    """Train each stage of `cfg.stages` in order; returns the stages' checkpoint paths."""
+    """Train each stage of `cfg.stages` in order; returns the stages' checkpoint paths.
+
+    A stage's config is composed from `common`, the stage's own overrides and the command line's
+    overrides (so `python run.py experiment=demo logger=none` reaches every stage). When
+    `play.actions` is set, the last stage's model is played headless into `<run_dir>/play`.
+    """
     from hydra import compose
 
     from worldmodel.config import validate
     from worldmodel.tasks import run_task
 
     run_dir = Path(cfg.run_dir)
+    user = _command_line_overrides()
     done: dict[str, str] = {}
     for name, spec in cfg.stages.items():
         overrides = [str(o) for o in spec.overrides]
         for prev, path in done.items():
             overrides = [o.replace(f"=@{prev}", f"={path}") for o in overrides]
-        stage_cfg = compose(config_name="config", overrides=[*cfg.get("common", []), *overrides])
+        overrides = [*cfg.get("common", []), *overrides, *user]
+        stage_cfg = compose(config_name="config", overrides=overrides)
         with open_dict(stage_cfg):
             stage_cfg.run_dir = str(run_dir / name)
         log.info("stage %s: %s", name, " ".join(overrides))
         validate(stage_cfg)
-        run_task(stage_cfg)
-        done[name] = str(run_dir / name / "checkpoints" / "last.pt")
+        last = Path(stage_cfg.run_dir) / "checkpoints" / "last.pt"
+        if (Path(stage_cfg.run_dir) / "eval.json").exists() and last.exists():
+            log.info("stage %s already done in %s", name, stage_cfg.run_dir)
+        else:
+            run_task(stage_cfg)
+        done[name] = str(last)
     (run_dir / "stages.json").write_text(json.dumps(done, indent=2))
+    if cfg.play.get("actions") and done:
+        from worldmodel.play import play
+
+        with open_dict(cfg):
+            cfg.checkpoint = list(done.values())[-1]
+            cfg.run_dir = str(run_dir / "play")
+        play(cfg)
     return done
 
 

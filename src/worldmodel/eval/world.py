@@ -39,7 +39,7 @@ from worldmodel.config import instantiate
 from worldmodel.eval import metrics as M
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
-from worldmodel.pipeline import load_frozen, token_datasets
+from worldmodel.pipeline import action_source, load_frozen, token_datasets
 from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def load_world(dynamics: nn.Module, state: dict[str, Any]) -> WorldParts:
     p = config.model.get("pipeline")
     if p is None:
         raise ValueError("this checkpoint's model has no `pipeline` entry: not a dynamics model")
-    source = p.get("action_source", "latent")
+    source = action_source(p)
     tokenizer, _ = load_frozen(
         p.tokenizer_checkpoint, "tokenizer", "model.pipeline.tokenizer_checkpoint"
     )
