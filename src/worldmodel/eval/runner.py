@@ -35,7 +35,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(cfg.trainer.threads))
     model, mcfg, state = load_model(cfg.checkpoint)
     name = mcfg.model.get("name", type(model).__name__)
-    _, val = instantiate(cfg.data).datasets()
+    data_cfg = cfg.data.copy()
+    if cfg.eval.get("clip_length"):  # e.g. a tokenizer trained on single frames, shown on clips
+        data_cfg.clip_length = int(cfg.eval.clip_length)
+    _, val = instantiate(data_cfg).datasets()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if name in TOKENIZERS:

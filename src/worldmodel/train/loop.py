@@ -90,7 +90,19 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
         adamw(disc.named_parameters(), float(mcfg.lr), 0.0, betas) if disc is not None else None
     )
     warmup = int(mcfg.get("warmup_steps", tr.warmup_steps))
-    factor = lr_lambda(warmup, int(tr.max_steps), tr.lr_schedule, float(tr.min_lr_ratio))
+    clock = {"start": time.monotonic(), "before": 0.0}  # wall time of this run, across resumes
+
+    def elapsed_s() -> float:
+        return clock["before"] + time.monotonic() - clock["start"]
+
+    budget_s = float(tr.max_minutes) * 60 if tr.max_minutes else None
+    factor = lr_lambda(
+        warmup,
+        int(tr.max_steps),
+        tr.lr_schedule,
+        float(tr.min_lr_ratio),
+        (lambda: elapsed_s() / budget_s) if budget_s else None,
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     ema = EMA(model, tr.ema_decay) if tr.ema_decay else None
     manager = ckpt.CheckpointManager(run_dir / "checkpoints", tr.keep_last)
@@ -107,6 +119,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
         if ema is not None and state.get("ema"):
             ema.load_state_dict(state["ema"])
         step, nonfinite_total = int(state["step"]), int(state.get("nonfinite_total", 0))
+        clock["before"] = float(state.get("elapsed_s", 0.0))
         ckpt.set_rng_state(state["rng"])
         log.info("resumed from %s at step %d", manager.folder / ckpt.LAST, step)
     elif cfg.get("checkpoint"):
@@ -181,6 +194,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
                 "ema": ema.state_dict() if ema is not None else None,
                 "step": step,
                 "nonfinite_total": nonfinite_total,
+                "elapsed_s": elapsed_s(),
                 "rng": ckpt.rng_state(),
                 "data_position": sampler.position(step),
                 "config": OmegaConf.to_container(cfg),
@@ -191,7 +205,6 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
 
     val_loss: float | None = None
     consecutive_bad = 0
-    t_start = time.monotonic()
     bar = tqdm(
         total=int(tr.max_steps),
         initial=step,
@@ -257,8 +270,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
                 ema.update(model)
             step += 1
             bar.update(1)
-            elapsed_min = (time.monotonic() - t_start) / 60
-            out_of_time = tr.max_minutes is not None and elapsed_min >= float(tr.max_minutes)
+            out_of_time = budget_s is not None and elapsed_s() >= budget_s
             finishing = dist.any_rank(out_of_time or stop["signal"] is not None, device)
             finishing = finishing or step >= int(tr.max_steps)
 

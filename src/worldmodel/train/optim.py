@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -29,9 +29,18 @@ def adamw(
 
 
 def lr_lambda(
-    warmup_steps: int, max_steps: int, schedule: str = "cosine", min_ratio: float = 0.1
-) -> callable:
-    """Linear warm-up, then cosine decay to `min_ratio` of the peak (or constant)."""
+    warmup_steps: int,
+    max_steps: int,
+    schedule: str = "cosine",
+    min_ratio: float = 0.1,
+    time_progress: Callable[[], float] | None = None,
+) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to `min_ratio` of the peak (or constant).
+
+    With `time_progress` (the fraction of a wall-time budget used, see `trainer.max_minutes`) the
+    decay follows whichever budget, steps or time, is further along, so a run cut by time still
+    ends annealed.
+    """
     if schedule not in ("cosine", "constant"):
         raise ValueError(f"trainer.lr_schedule={schedule!r}: expected cosine or constant")
 
@@ -40,7 +49,10 @@ def lr_lambda(
             return (step + 1) / warmup_steps
         if schedule == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+        if time_progress is not None:
+            progress = max(progress, time_progress())
+        progress = min(1.0, progress)
         return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
