@@ -153,18 +153,28 @@ def test_lr_schedule_warms_up_then_decays():
         lr_lambda(0, 10, "linear")
 
 
-def test_ema_tracks_and_swaps_back():
+def test_ema_warms_up_tracks_and_swaps_back():
     torch.manual_seed(0)
     model = nn.Linear(4, 4)
     ema = EMA(model, 0.5)
     start = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.add_(1.0)
+    ema.update(model)  # warm-up: decay min(0.5, 1/10) = 0.1
+    assert torch.allclose(ema.shadow["weight"], start + 0.9)
+    for _ in range(20):
+        ema.update(model)  # the decay is 0.5 from the 9th update on
+    assert torch.allclose(ema.shadow["weight"], start + 1.0, atol=1e-5)
+    with torch.no_grad():
+        model.weight.add_(1.0)
     ema.update(model)
-    assert torch.allclose(ema.shadow["weight"], start + 0.5)
+    assert torch.allclose(ema.shadow["weight"], start + 1.5, atol=1e-5)
+    restored = EMA(model, 0.5)
+    restored.load_state_dict(ema.state_dict())
+    assert restored.updates == ema.updates == 22
     with ema.swapped_into(model):
-        assert torch.allclose(model.weight, start + 0.5)
-    assert torch.allclose(model.weight, start + 1.0)
+        assert torch.allclose(model.weight, start + 1.5, atol=1e-5)
+    assert torch.allclose(model.weight, start + 2.0)
 
 
 def test_partial_distributed_environment_is_an_error():

@@ -59,26 +59,36 @@ def lr_lambda(
 
 
 class EMA:
-    """Exponential moving average of a model's floating-point parameters and buffers."""
+    """Exponential moving average of a model's floating-point parameters and buffers.
+
+    The decay warms up as min(decay, (1 + n) / (10 + n)) after n updates, so a short run (a
+    smoke test, a time budget on a slow machine) is not evaluated with near-initial weights.
+    """
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
+        self.updates = 0
         self.shadow = {
             k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()
         }
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
         for k, v in model.state_dict().items():
             if k in self.shadow:
-                self.shadow[k].lerp_(v.detach(), 1.0 - self.decay)
+                self.shadow[k].lerp_(v.detach(), 1.0 - decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
+        return {**self.shadow, "__updates__": torch.tensor(self.updates)}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for k, v in state.items():
-            self.shadow[k].copy_(v)
+            if k == "__updates__":
+                self.updates = int(v)
+            else:
+                self.shadow[k].copy_(v)
 
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
