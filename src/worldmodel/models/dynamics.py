@@ -8,7 +8,8 @@ frame t to frame t+1, the batch convention of the project). Its embedding is add
 of frame t+1, so the prediction of frame t+1 sees the action directly at its own positions (and,
 through causal temporal attention, the frames 0..t and the actions that led to them). Frame 0 gets
 a learned "start" embedding instead; `actions[:, T-1]` of a T-frame clip leads out of the clip
-and is ignored by `loss`.
+and is ignored by `loss`. With the default `cond_mode="adaln"` the same embedding also
+modulates every block's norms (see `models/st_transformer.py` for that and the other options).
 
 Training (Genie / MaskGIT): per clip a rate r ~ U(mask_rate_min, mask_rate_max); each token of
 frames >= `context_frames` is replaced by the mask token with probability r; cross-entropy on the
@@ -19,7 +20,12 @@ token, keep the most confident ones, re-mask the rest following the schedule, fe
 tokens back). Past frames' temporal keys/values are cached, so each iteration runs the transformer
 on the new frame only. `rollout` generates frame after frame and slides a window of
 `max_frames` frames; positions are absolute inside the window, so a slide re-encodes the window
-(exact: the same result as running without a cache).
+(exact: the same result as running without a cache). Tokens are drawn by inverse-CDF sampling
+from softmax(logits / temperature); `temperature=0` is greedy.
+
+Input checks raise ValueError naming the values: token grids other than the model's (h, w), ids
+outside [0, vocab_size), actions outside [0, num_actions) where they condition a real frame (-1,
+"unknown", is accepted only where it conditions nothing: the last step, padded frames).
 """
 
 from __future__ import annotations
@@ -65,8 +71,8 @@ def masked_counts(steps: int, num_tokens: int, schedule: str = "cosine") -> list
     counts = [num_tokens]
     for s in range(1, steps + 1):
         c = int(math.floor(num_tokens * mask_ratio(s / steps, schedule)))
-        # at least one token committed per step, never more masked than before
-        counts.append(max(0, min(c, counts[-1] - 1)))
+        # every step commits at least one token, and leaves at least one for each later step
+        counts.append(max(0, min(max(c, steps - s), counts[-1] - 1)))
     counts[-1] = 0
     return counts
 
@@ -93,9 +99,9 @@ class DynamicsModel(nn.Module):
         num_actions: int = 8,
         grid: list[int] | tuple[int, int] = (8, 8),
         max_frames: int = 16,
-        dim: int = 192,
+        dim: int = 128,
         depth: int = 4,
-        heads: int = 6,
+        heads: int = 4,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
@@ -104,7 +110,8 @@ class DynamicsModel(nn.Module):
         mask_rate_max: float = 1.0,
         context_frames: int = 1,
         cond_mode: str = "adaln",
-        rel_pos_bias: bool = False,
+        rel_pos_bias: bool = True,
+        local_conv: bool = True,
         label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
@@ -145,13 +152,17 @@ class DynamicsModel(nn.Module):
             cond_mode=cond_mode,
             grid=self.grid,
             rel_pos_bias=rel_pos_bias,
+            local_conv=local_conv,
         )
         self.head = nn.Linear(dim, vocab_size)
         for m in (self.token_emb, self.action_emb, self.head):
             m.apply(init_weights)
 
     # ------------------------------------------------------------------ checks
-    def _check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
+    def _check_tokens(
+        self, tokens: Tensor, name: str = "tokens", valid: Tensor | None = None
+    ) -> None:
+        """Shape (B, T, h, w) with the model's grid; ids in [0, vocab_size) on `valid` frames."""
         if tokens.dim() != 4:
             raise ValueError(f"{name} must be (B, T, h, w), got shape {tuple(tokens.shape)}")
         if tuple(tokens.shape[2:]) != self.grid:
@@ -161,7 +172,10 @@ class DynamicsModel(nn.Module):
             )
         if tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"{name} must be integer token ids, got {tokens.dtype}")
-        lo, hi = int(tokens.min()), int(tokens.max())
+        values = tokens if valid is None else tokens[valid]
+        if values.numel() == 0:
+            return
+        lo, hi = int(values.min()), int(values.max())
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(
                 f"{name} ids must be in [0, {self.vocab_size}), got min {lo}, max {hi}"
@@ -210,22 +224,25 @@ class DynamicsModel(nn.Module):
 
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         tokens, actions = batch["tokens"], batch["actions"]
-        self._check_tokens(tokens)
+        if tokens.dim() != 4:
+            raise ValueError(f"tokens must be (B, T, h, w), got shape {tuple(tokens.shape)}")
         b, t = tokens.shape[:2]
-        if actions.shape[:2] != (b, t):
-            raise ValueError(f"actions must be (B, T)=({b}, {t}), got {tuple(actions.shape)}")
         frame_mask = batch.get("mask")
         real = (
             torch.ones(b, t, dtype=torch.bool, device=tokens.device)
             if frame_mask is None
             else frame_mask.bool()
         )
+        self._check_tokens(tokens, valid=real)
+        if actions.shape[:2] != (b, t):
+            raise ValueError(f"actions must be (B, T)=({b}, {t}), got {tuple(actions.shape)}")
         # actions[:, i] conditions frame i+1: it must be valid wherever frame i+1 is real
         self._check_actions(actions[:, : t - 1], real[:, 1:])
         safe_actions = torch.where(real[:, 1:], actions[:, : t - 1], 0)
         cond = self.frame_conditions(safe_actions, t)
 
         x = rearrange(tokens.long(), "b t h w -> b t (h w)")
+        x = torch.where(real[:, :, None], x, 0)  # padding frames: any valid id
         rate = torch.empty(b, 1, 1, device=x.device).uniform_(
             self.mask_rate_min, self.mask_rate_max
         )
@@ -239,6 +256,9 @@ class DynamicsModel(nn.Module):
         hidden = self.forward(inputs, cond)  # (B, T, N, D)
         logits = self.head(hidden[masked]).float()  # (M, V): masked positions only
         target = x[masked]
+        if target.numel() == 0:  # nothing to predict (all padding): a zero loss, not NaN
+            zero = hidden.sum() * 0.0
+            return zero, {k: zero.detach() for k in ("ce", "masked_acc", "mask_rate")}
         ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
         with torch.no_grad():
             acc = (logits.argmax(-1) == target).float().mean()
@@ -246,9 +266,8 @@ class DynamicsModel(nn.Module):
         metrics = {
             "ce": plain_ce.detach(),
             "masked_acc": acc.detach(),
-            "mask_rate": masked.float().sum().detach()
-            / real[:, self.context_frames :].sum()
-            / self.num_tokens,
+            "mask_rate": masked.float().sum()
+            / (real[:, self.context_frames :].sum() * self.num_tokens).clamp_min(1),
         }
         return ce, metrics
 
@@ -340,35 +359,40 @@ class DynamicsModel(nn.Module):
         frame = torch.full((b, n), self.mask_id, dtype=torch.long, device=x.device)
         counts = masked_counts(steps, n, schedule)
         for s in range(steps):
-            still_masked = frame == self.mask_id  # (B, N)
-            if not bool(still_masked.any()):
+            still_masked = frame == self.mask_id  # (B, N): the same count in every row
+            m = int(still_masked[0].sum())
+            if m == 0:
                 break  # more steps than tokens: the schedule finished early
             if use_cache:
                 hidden = self.forward(frame[:, None], cond[:, t:], cache.kv, update_cache=False)
             else:
                 hidden = self.forward(torch.cat([x, frame[:, None]], dim=1), cond)
-            logits = self.head(hidden[:, -1]).float()  # (B, N, V)
+            # the head runs on the masked positions only (it is half the compute of a step)
+            where = still_masked.nonzero()[:, 1].view(b, m)  # (B, m) positions, ascending
+            picked = hidden[:, -1].gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+            logits = self.head(picked).float()  # (B, m, V)
             if temperature > 0:
                 probs = F.softmax(logits / temperature, dim=-1)
-                flat = rearrange(probs, "b n v -> (b n) v")
-                sampled = torch.multinomial(flat, 1, generator=generator)  # (B N, 1)
-                sampled = rearrange(sampled, "(b n) 1 -> b n", b=b)
+                # inverse-CDF sampling: one uniform per token (torch.multinomial draws one
+                # exponential per vocabulary entry, ~10x the cost here)
+                u = torch.rand(b, m, 1, generator=generator, device=logits.device)
+                sampled = torch.searchsorted(probs.cumsum(dim=-1), u)[..., 0]
+                sampled = sampled.clamp_max(self.vocab_size - 1)  # cumsum may end just below u
             else:
                 probs = F.softmax(logits, dim=-1)
-                sampled = logits.argmax(-1)
-            conf = probs.gather(-1, sampled[..., None])[..., 0]  # (B, N)
+                sampled = logits.argmax(dim=-1)
+            conf = probs.gather(-1, sampled[..., None])[..., 0]  # (B, m)
             if confidence_noise > 0:
-                u = torch.rand(conf.shape, generator=generator, device=conf.device)
-                gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
-                conf = (
-                    conf.clamp_min(1e-20).log() + confidence_noise * (1 - (s + 1) / steps) * gumbel
-                )
-            frame = torch.where(still_masked, sampled, frame)
-            conf = conf.masked_fill(~still_masked, math.inf)  # committed tokens stay
+                # MaskGIT: Gumbel noise on the log-confidences, annealed to 0 over the steps
+                g = torch.rand(conf.shape, generator=generator, device=conf.device)
+                gumbel = -torch.log(-torch.log(g.clamp_min(1e-20)).clamp_min(1e-20))
+                noise = confidence_noise * (1 - (s + 1) / steps)
+                conf = conf.clamp_min(1e-20).log() + noise * gumbel
+            frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure
             remask = counts[s + 1]
             if remask > 0:
                 lowest = conf.topk(remask, dim=-1, largest=False).indices  # (B, remask)
-                frame.scatter_(1, lowest, self.mask_id)
+                frame.scatter_(1, where.gather(1, lowest), self.mask_id)
         return rearrange(frame, "b (h w) -> b h w", h=self.grid[0])
 
     @torch.no_grad()

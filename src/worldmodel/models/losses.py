@@ -41,13 +41,12 @@ class LPIPSLoss(nn.Module):
         super().__init__()
         import lpips  # imported here: only needed when the LPIPS term is switched on
 
-        if not random_backbone:
-            if not weights_path or not os.path.isfile(weights_path):
-                raise FileNotFoundError(
-                    f"LPIPS needs VGG16 backbone weights at '{weights_path}' (a torchvision "
-                    f"vgg16 state dict, e.g. vgg16-397923af.pth, or a full lpips.LPIPS state "
-                    f"dict); set `{config_key}` to that file, or set the LPIPS weight to 0."
-                )
+        if not random_backbone and not (weights_path and os.path.isfile(weights_path)):
+            raise FileNotFoundError(
+                f"LPIPS needs VGG16 backbone weights at '{weights_path}' (a torchvision "
+                f"vgg16 state dict, e.g. vgg16-397923af.pth, or a full lpips.LPIPS state "
+                f"dict); set `{config_key}` to that file, or set the LPIPS weight to 0."
+            )
         # pnet_rand=True: build the trunk without torchvision trying to download it.
         self.net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False)
         if not random_backbone:

@@ -100,9 +100,7 @@ class Quantizer(nn.Module):
             if self.kind == "fsq":
                 q, idx = self.impl(x)
                 aux = x.new_zeros(())
-            elif self.kind == "lfq":
-                q, idx, aux = self.impl(x)
-            elif self.kind == "vq":
+            elif self.kind in ("lfq", "vq"):
                 q, idx, aux = self.impl(x)
             else:  # rvq: idx (B, N, Q), aux (Q,) or (1, Q)
                 q, idx, aux = self.impl(x)
@@ -133,9 +131,7 @@ class Quantizer(nn.Module):
         """indices (B, ...) long -> codes (B, D, ...) (fp32)."""
         idx, ps = pack([indices.long()], "b *")  # (B, N)
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            if self.kind == "fsq":
-                q = self.impl.indices_to_codes(idx)
-            elif self.kind == "lfq":
+            if self.kind in ("fsq", "lfq"):
                 q = self.impl.indices_to_codes(idx)
             elif self.kind == "vq":
                 q = self.impl.get_output_from_indices(idx)
