@@ -7,7 +7,7 @@ VENV_CACHE ?= $(HOME)/.cache/worldmodel/venvs
 PIN_HASH := $(shell cat requirements.txt | sha256sum | cut -c1-16)
 VENV_DIR := $(VENV_CACHE)/py311-$(PIN_HASH)
 PY := .venv/bin/python
-EXP ?= demo_tokenizer
+EXP ?= demo
 ARGS ?=
 
 .PHONY: setup demo test test-fast lint format bench sweep clean
