@@ -81,3 +81,41 @@ def test_genie_pipeline_end_to_end(tmp_path):
     played = json.loads((tmp_path / "play" / "play.json").read_text())
     assert len(played["actions"]) == 6
     assert (tmp_path / "play" / "play.gif").stat().st_size > 0
+
+
+def test_sigterm_saves_stops_the_command_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+
+    args = [
+        "experiment=smoke_tokenizer",
+        f"hydra.run.dir={tmp_path}",
+        "logger=none",
+        "trainer.max_steps=100000",
+        "trainer.log_every=1",
+        "eval.after_train=true",
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and (
+        not metrics.exists() or "train/loss" not in metrics.read_text()
+    ):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert (tmp_path / "checkpoints" / "last.pt").is_file()
+    assert not (tmp_path / "eval.json").exists(), "a cut run must not be evaluated"
+    stopped = max(json.loads(line)["step"] for line in metrics.read_text().splitlines())
+    run_py(*args[:-3], "trainer.max_steps=" + str(stopped + 3), "eval.after_train=true")
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert max(steps) == stopped + 3 and (tmp_path / "eval.json").is_file()

@@ -10,6 +10,7 @@ fall-back to one process.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -119,9 +120,17 @@ def stopped_by_signal(name: str, step: int, previous: dict[int, Any]) -> None:
     the job back to SLURM without reporting a result, so no one takes a cut run for a finished
     one. The preemption signal goes on to submitit's handler, which requeues the job from rank 0
     (the requeued job resumes from `last.pt` in the same run dir); after SIGTERM, SLURM is already
-    ending or requeueing the job. Outside submitit this returns and the run ends normally."""
+    ending or requeueing the job. Outside submitit the process ends with the shell's code for
+    the signal (128 + its number), so nothing that follows in the same command (an evaluation,
+    the next stage of a pipeline) runs on a cut run."""
     if not os.environ.get("SUBMITIT_EXECUTOR"):
-        return
+        logging.getLogger(__name__).info(
+            "stopped by %s at step %d; checkpoint saved: run the same command in the same run "
+            "dir to continue",
+            name,
+            step,
+        )
+        raise SystemExit(128 + int(getattr(signal, name)))
     preempt = preemption_signal()
     handler = previous.get(preempt)
     if preempt is not None and name == preempt.name and callable(handler):
