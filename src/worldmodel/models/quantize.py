@@ -187,9 +187,8 @@ def build_quantizer(kind: str, dim: int, **kwargs: Any) -> Quantizer:
             "codebook_size",
             f"lfq needs a power of 2, got {size} (nearest: {2 ** round(math.log2(size))})",
         )
-        _require(
-            size <= 2**18, "codebook_size", f"lfq entropy loss needs <= 2^18 codes, got {size}"
-        )
+        # the entropy loss builds a (tokens x codebook_size) matrix: 2^16 codes x 8k tokens = 2 GB
+        _require(size <= 2**16, "codebook_size", f"lfq supports <= 2^16 codes here, got {size}")
         impl = LFQ(
             dim=dim,
             codebook_size=size,

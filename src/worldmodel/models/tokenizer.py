@@ -109,7 +109,9 @@ class CausalConv(nn.Module):
         stop = (n_out - 1) * self.stride + 1
         # tap i of output j is padded frame j * stride + i; the last tap is the current frame
         taps = [xp[:, i : i + stop : self.stride] for i in range(self.kt)]
-        xw = torch.cat(taps, 2)  # (B, T', kt * C, H, W)
+        # concatenate along the innermost (NHWC) axis so the frames stay channels-last
+        taps = [tap.permute(0, 1, 3, 4, 2) for tap in taps]  # (B, T', H, W, C)
+        xw = torch.cat(taps, -1).permute(0, 1, 4, 2, 3)  # (B, T', kt * C, H, W)
         return self.conv(xw.flatten(0, 1)).unflatten(0, (b, n_out))
 
 
@@ -221,7 +223,9 @@ class TimeUpsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)  # (B, T, 2 C, H, W)
         y = rearrange(y, "b t (k c) h w -> b (t k) c h w", k=2)  # (B, 2 T, C, H, W)
-        return y[:, 1:]  # latent 0 is the first frame alone: drop the frame before it
+        return channels_last(
+            y[:, 1:]
+        )  # latent 0 is the first frame alone: drop the frame before it
 
 
 class Encoder(nn.Module):
@@ -297,6 +301,15 @@ class VideoTokenizer(nn.Module):
 
     Shapes: video (B, C, T, H, W) in [-1, 1]; latents z and codes (B, D, t, h, w) with
     t = 1 + (T - 1) / temporal_downsample, h = H / spatial_downsample; indices (B, t, h, w).
+
+    Sizes: `channels` lists the width of each resolution level; the stem patchifies by
+    spatial_downsample / 2^(levels - 1) and each further level is a 2x stage. `num_res_blocks`
+    blocks run per level, `num_mid_blocks` (encoder) and `decoder_mid_blocks` at the latent
+    resolution, where `temporal_kernel` > 1 makes them causal 3D convs. `quantizer` is
+    `{kind: fsq | lfq | vq | rvq, ...}` (see `build_quantizer`). Losses: `l1_weight`,
+    `l2_weight`, `quantizer_weight`, `lpips_weight` (+ `lpips_weights_path`), `gan_weight`
+    (+ `gan_start_step`; builds `self.discriminator`, which the loop steps with its own
+    optimizer through `discriminator_loss`).
     """
 
     def __init__(
@@ -489,7 +502,8 @@ class VideoTokenizer(nn.Module):
         loss = nll + self.quantizer_weight * aux
 
         if self.discriminator is not None:
-            self._disc_cache = (video, video_hat.detach())
+            if self.training:  # validation batches are never followed by a discriminator step
+                self._disc_cache = (video, video_hat.detach())
             if self.gan_active(step):
                 fake = x_hat if w is None else x_hat[w > 0]
                 g_loss = hinge_g_loss(self._discriminate(fake, track_params=False))
