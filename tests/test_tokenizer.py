@@ -78,11 +78,11 @@ def test_bad_clip_length_and_size_raise() -> None:
         tiny(channels=[8, 16, 32, 64], spatial_downsample=4)
 
 
-@pytest.mark.parametrize("temporal", [1, 2])
-def test_causal_tokens(temporal: int) -> None:
+@pytest.mark.parametrize(("temporal", "kernel"), [(1, 3), (2, 3), (2, 1), (4, 1)])
+def test_causal_tokens(temporal: int, kernel: int) -> None:
     """Frames after t never change the tokens (or latents) of frames <= t."""
     torch.manual_seed(0)
-    model = tiny(temporal_downsample=temporal, temporal_kernel=3).eval()
+    model = tiny(temporal_downsample=temporal, temporal_kernel=kernel).eval()
     T = 9
     x = video(1, T)
     with torch.no_grad():

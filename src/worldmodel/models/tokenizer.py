@@ -203,7 +203,8 @@ class Upsample(nn.Module):
 
 
 class TimeDownsample(nn.Module):
-    """2x causal temporal compression: latent j summarises frames 2j-2 .. 2j (first frame alone)."""
+    """2x causal temporal compression: latent j sees frames 2j - kt + 1 .. 2j, kt = max(2,
+    temporal_kernel); with kt = 2 that is exactly the first frame alone, then pairs."""
 
     def __init__(self, channels: int, temporal_kernel: int):
         super().__init__()
@@ -223,9 +224,8 @@ class TimeUpsample(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)  # (B, T, 2 C, H, W)
         y = rearrange(y, "b t (k c) h w -> b (t k) c h w", k=2)  # (B, 2 T, C, H, W)
-        return channels_last(
-            y[:, 1:]
-        )  # latent 0 is the first frame alone: drop the frame before it
+        # latent 0 is the first frame alone: drop the frame generated before it
+        return channels_last(y[:, 1:])
 
 
 class Encoder(nn.Module):
@@ -315,7 +315,7 @@ class VideoTokenizer(nn.Module):
     def __init__(
         self,
         in_channels: int = 3,
-        channels: list[int] | tuple[int, ...] = (128,),
+        channels: list[int] | tuple[int, ...] = (96,),
         spatial_downsample: int = 4,
         temporal_downsample: int = 1,
         num_res_blocks: int = 0,
