@@ -124,11 +124,159 @@ def case_loader(overrides: list[str], warmup: int, iters: int) -> dict:
     }
 
 
+def _summary(times: list[float]) -> dict:
+    med = statistics.median(times)
+    return {"ms": med * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3}
+
+
+# The peers' published sizes: open-genie's DynamicsModel (4 space-time layers, d=256, 16 frames of
+# 16x16 tokens, vocabulary 1024, 8 actions) and its LatentAction input (2, 3, 16, 64, 64).
+PEER_DYNAMICS = [
+    "model=dynamics",
+    "model.dim=256",
+    "model.depth=4",
+    "model.heads=4",
+    "model.grid=[16,16]",
+    "model.vocab_size=1024",
+    "model.num_actions=8",
+    "model.max_frames=17",
+]
+# The demo's world: its tokenizer stage (conf/experiment/demo.yaml) and dynamics stage.
+DEMO_TOKENIZER = [
+    "experiment=demo_tokenizer",
+    "model.spatial_downsample=8",
+    "model.channels=[64,128]",
+    "model.quantizer.levels=[8,5,5,5]",
+]
+DEMO_DYNAMICS = ["model=dynamics", "model.num_actions=15"]
+
+
+def case_lam(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    from worldmodel.build import build_model
+
+    cfg = _compose(["model=lam", *overrides])
+    model = build_model(cfg.model)
+    video = _video()  # (2, 3, 16, 64, 64): open-genie's LAM case
+    batch = {"video": video, "mask": torch.ones(2, 16, dtype=torch.bool)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bf16 = kind.endswith("bf16")
+
+    def train_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    flops = _flops(train_step)
+    times = _timed(train_step, warmup, iters)
+    return {
+        **_summary(times),
+        "frames_per_s": video.shape[0] * video.shape[2] / statistics.median(times),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop": flops / 1e9,
+        "shape": list(video.shape),
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
+def case_dynamics(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """Training step at batch 2 over 16 frames, or one new frame after 16 context frames with
+    8 MaskGIT steps and the KV cache (batch 1), at open-genie's sizes."""
+    from worldmodel.build import build_model
+
+    cfg = _compose([*PEER_DYNAMICS, *overrides])
+    model = build_model(cfg.model)
+    h, w = model.grid
+    bf16 = kind.endswith("bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    if kind.startswith("train"):
+        b, t = 2, 16
+        batch = {
+            "tokens": torch.randint(0, model.vocab_size, (b, t, h, w)),
+            "actions": torch.randint(0, model.num_actions, (b, t)),
+            "mask": torch.ones(b, t, dtype=torch.bool),
+        }
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def fn() -> None:
+            with amp:
+                loss, _ = model.loss(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    else:
+        model.eval()
+        context = torch.randint(0, model.vocab_size, (1, 16, h, w))
+        actions = torch.randint(0, model.num_actions, (1, 16))
+
+        @torch.no_grad()
+        def fn() -> None:
+            with amp:
+                cache = model.new_cache(context, actions[:, :15])  # the context, cached once
+                start = time.perf_counter()
+                model.generate_next(context, actions, steps=8, cache=cache)
+                fn.generate_s.append(time.perf_counter() - start)  # type: ignore[attr-defined]
+
+        fn.generate_s = []  # type: ignore[attr-defined]
+    flops = _flops(fn)
+    times = _timed(fn, warmup, iters)
+    out = {
+        **_summary(times),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop": flops / 1e9,
+        "tokens": [16, h, w],
+        "precision": "bf16" if bf16 else "fp32",
+    }
+    if not kind.startswith("train"):  # the new frame alone, the context's one-off cache excluded
+        gen = fn.generate_s[-iters:]  # type: ignore[attr-defined]
+        out.update({f"frame_{k}": v for k, v in _summary(gen).items()})
+    return out
+
+
+def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
+    """Interactive play at the demo's sizes: one action -> next frame (MaskGIT with the KV cache,
+    `play.steps` iterations) -> decoded picture, as `task=play` runs it. Random weights: the cost
+    does not depend on them."""
+    from worldmodel.build import build_model
+    from worldmodel.eval.world import WorldParts
+    from worldmodel.play.session import PlaySession
+
+    tok_cfg = _compose([*DEMO_TOKENIZER, *overrides])
+    dyn_cfg = _compose([*DEMO_DYNAMICS, *overrides])
+    tokenizer = build_model(tok_cfg.model).eval()
+    dynamics = build_model(dyn_cfg.model).eval()
+    parts = WorldParts(dynamics, tokenizer, None, "true", dyn_cfg)
+    prompt = torch.randint(0, dynamics.vocab_size, dynamics.grid)
+    steps = int(dyn_cfg.play.steps)
+    session = PlaySession(parts, prompt, steps=steps, bf16=True)
+    n = max(iters, 2 * dynamics.max_frames)  # long enough to slide the window
+    with torch.no_grad():
+        times = _timed(lambda: session.step(0), warmup, n)
+    med = statistics.median(times)
+    return {
+        **_summary(times),
+        "frames_per_s": 1.0 / med,
+        "frames_per_s_mean": len(times) / sum(times),
+        "maskgit_steps": steps,
+        "grid": list(dynamics.grid),
+        "params_m": sum(p.numel() for p in dynamics.parameters()) / 1e6,
+    }
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
     "tokenizer_encode_bf16": lambda o, w, i: case_tokenizer("encode_bf16", o, w, i),
     "loader": case_loader,
+    "lam_train_fp32": lambda o, w, i: case_lam("train_fp32", o, w, i),
+    "lam_train_bf16": lambda o, w, i: case_lam("train_bf16", o, w, i),
+    "dynamics_train_fp32": lambda o, w, i: case_dynamics("train_fp32", o, w, i),
+    "dynamics_train_bf16": lambda o, w, i: case_dynamics("train_bf16", o, w, i),
+    "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
+    "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
+    "play_demo": case_play,
 }
 
 
