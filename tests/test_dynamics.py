@@ -80,6 +80,27 @@ def test_cached_and_uncached_sampling_agree(temperature: float, noise: float) ->
     assert torch.equal(a, b)
 
 
+def test_confidence_noise_changes_what_is_kept() -> None:
+    """MaskGIT's Gumbel noise on the confidences: greedy sampling is deterministic without it;
+    with it, different noise draws keep different tokens first, so the frames differ."""
+    model = tiny().eval()
+    tokens, actions = object_clips(4, 4, torch.Generator().manual_seed(2))
+    frames = [
+        model.generate_next(
+            tokens,
+            actions,
+            steps=6,
+            temperature=0.0,
+            confidence_noise=noise,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for noise, seed in ((0.0, 1), (0.0, 2), (4.0, 1), (4.0, 2))
+    ]
+    assert torch.equal(frames[0], frames[1])  # no noise: the generator is not used
+    assert not torch.equal(frames[2], frames[3])  # noise: the draw decides the order
+    assert int(frames[2].max()) < V and int(frames[3].max()) < V
+
+
 def test_rollout_cached_matches_uncached_across_window_slides() -> None:
     model = tiny(max_frames=4).eval()
     tokens, actions = object_clips(2, 10, torch.Generator().manual_seed(3))

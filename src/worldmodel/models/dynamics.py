@@ -385,7 +385,7 @@ class DynamicsModel(nn.Module):
             if confidence_noise > 0:
                 # MaskGIT: Gumbel noise on the log-confidences, annealed to 0 over the steps
                 g = torch.rand(conf.shape, generator=generator, device=conf.device)
-                gumbel = -torch.log(-torch.log(g.clamp_min(1e-20)).clamp_min(1e-20))
+                gumbel = -torch.log((-torch.log(g.clamp_min(1e-20))).clamp_min(1e-20))
                 noise = confidence_noise * (1 - (s + 1) / steps)
                 conf = conf.clamp_min(1e-20).log() + noise * gumbel
             frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure

@@ -323,6 +323,8 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
 
 
 def _frames(batch: dict[str, torch.Tensor]) -> int:
+    if "latents" in batch:  # (B, T, h, w, D)
+        return int(batch["latents"].shape[0] * batch["latents"].shape[1])
     x = batch.get("video", batch.get("tokens"))
     return int(x.shape[0] * (x.shape[2] if x.ndim == 5 else x.shape[1]))
 
