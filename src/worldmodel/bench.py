@@ -57,10 +57,21 @@ def _video(b: int = 2, t: int = 16, size: int = 64) -> torch.Tensor:
     return torch.rand(b, 3, t, size, size) * 2 - 1  # (B, C, T, H, W)
 
 
+# The demo tokenizer's design widened to the peers' parameter count (~14M): 4x patchify stem,
+# width 256, 4 encoder and 8 decoder blocks at 16x16 (the same 16x16 token grid).
+PEER_TOKENIZER = [
+    "experiment=demo_tokenizer",
+    "model.channels=[256]",
+    "model.num_mid_blocks=4",
+    "model.decoder_mid_blocks=8",
+]
+
+
 def case_tokenizer(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     from worldmodel.build import build_model
 
-    cfg = _compose(["model=tokenizer", *overrides])
+    base = PEER_TOKENIZER if "peer" in kind else []
+    cfg = _compose(["model=tokenizer", *base, *overrides])
     model = build_model(cfg.model)
     video = _video()
     batch = {
@@ -250,7 +261,8 @@ def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     parts = WorldParts(dynamics, tokenizer, None, "true", dyn_cfg)
     prompt = torch.randint(0, dynamics.vocab_size, dynamics.grid)
     steps = int(dyn_cfg.play.steps)
-    session = PlaySession(parts, prompt, steps=steps, bf16=True)
+    precision = str(dyn_cfg.play.precision)
+    session = PlaySession(parts, prompt, steps=steps, bf16=precision == "bf16")
     n = max(iters, 2 * dynamics.max_frames)  # long enough to slide the window
     with torch.no_grad():
         times = _timed(lambda: session.step(0), warmup, n)
@@ -260,6 +272,7 @@ def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
         "frames_per_s": 1.0 / med,
         "frames_per_s_mean": len(times) / sum(times),
         "maskgit_steps": steps,
+        "precision": precision,
         "grid": list(dynamics.grid),
         "params_m": sum(p.numel() for p in dynamics.parameters()) / 1e6,
     }
@@ -269,6 +282,9 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
     "tokenizer_encode_bf16": lambda o, w, i: case_tokenizer("encode_bf16", o, w, i),
+    "tokenizer_peer_size_train_fp32": lambda o, w, i: case_tokenizer("peer_train_fp32", o, w, i),
+    "tokenizer_peer_size_train_bf16": lambda o, w, i: case_tokenizer("peer_train_bf16", o, w, i),
+    "tokenizer_peer_size_encode_bf16": lambda o, w, i: case_tokenizer("peer_encode_bf16", o, w, i),
     "loader": case_loader,
     "lam_train_fp32": lambda o, w, i: case_lam("train_fp32", o, w, i),
     "lam_train_bf16": lambda o, w, i: case_lam("train_bf16", o, w, i),
@@ -283,12 +299,14 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
 def run_one(name: str, overrides: list[str], warmup: int, iters: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
+    base_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Python + torch
     result = CASES[name](overrides, warmup, iters)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {
         "case": name,
         **result,
         "peak_rss_mb": peak_mb,
+        "case_rss_mb": peak_mb - base_mb,  # what the case itself added to the process's peak
         "threads": threads,
         "iters": iters,
         "load_avg_1m": os.getloadavg()[0],

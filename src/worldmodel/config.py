@@ -150,6 +150,78 @@ def _check_trainer(tr: DictConfig, errors: list[str]) -> None:
         errors.append(f"trainer.ema_decay={tr.ema_decay}: expected null or in (0, 1)")
 
 
+def _check_cvivit(model: DictConfig, data: DictConfig, ev: DictConfig, errors: list[str]) -> None:
+    """C-ViViT learns position embeddings for one frame size and up to max_frames latent frames;
+    the clips it trains on (and is evaluated on after training) must fit both."""
+    res = _resolution(data)
+    try:
+        size = _resolution(OmegaConf.create({"resolution": model.get("image_size")}))
+    except ConfigError:
+        errors.append(f"model.image_size={model.get('image_size')}: expected an int or [H, W]")
+        size = None
+    if res is not None and size is not None and size != res:
+        errors.append(f"model.image_size={list(size)} must equal data.resolution={list(res)}")
+    t, frames = int(model.get("temporal_downsample", 1)), int(model.get("max_frames", 16))
+    for key, clip in (
+        ("data.clip_length", data.get("clip_length")),
+        ("eval.clip_length", ev.get("clip_length")),
+    ):
+        if clip is None or t < 1:
+            continue
+        if (int(clip) - 1) % t:
+            if key == "eval.clip_length":  # data.clip_length: reported by _check_tokenizer
+                errors.append(
+                    f"{key}={clip} does not fit model.temporal_downsample={t}: the first frame "
+                    f"is encoded alone, so {key} - 1 must be a multiple of {t}"
+                )
+        elif 1 + (int(clip) - 1) // t > frames:
+            errors.append(
+                f"{key}={clip} makes {1 + (int(clip) - 1) // t} latent frames, more than "
+                f"model.max_frames={frames}"
+            )
+
+
+def _check_videogpt_vqvae(model: DictConfig, data: DictConfig, errors: list[str]) -> None:
+    """VideoGPT's VQ-VAE is not causal: clips split into whole groups of temporal_downsample."""
+    s = int(model.get("spatial_downsample", 4))
+    t = int(model.get("temporal_downsample", 4))
+    if s not in (2, 4, 8):
+        errors.append(f"model.spatial_downsample={s}: expected 2, 4 or 8")
+    if t not in (1, 2, 4):
+        errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
+    res = _resolution(data)
+    if res is not None and s >= 1 and any(r % s for r in res):
+        errors.append(
+            f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
+        )
+    if res is not None and _resolution(model) != res:
+        errors.append(
+            f"model.resolution={model.get('resolution')} must equal data.resolution={list(res)} "
+            "(it sizes the latent position embeddings)"
+        )
+    clip = data.get("clip_length")
+    if clip is not None and t >= 1 and int(clip) % t:
+        errors.append(f"data.clip_length={clip} is not a multiple of model.temporal_downsample={t}")
+    if clip is not None and int(clip) > int(model.get("max_frames", 16)):
+        errors.append(f"data.clip_length={clip} exceeds model.max_frames={model.max_frames}")
+    if int(model.get("channels", 240)) % int(model.get("heads", 2)):
+        errors.append(f"model.channels={model.channels} is not divisible by model.heads")
+    if "quantizer" in model:
+        _check_quantizer(model.quantizer, "model.quantizer", errors)
+
+
+def _check_videogpt(model: DictConfig, data: DictConfig, errors: list[str]) -> None:
+    """The prior's window must hold a clip, and a clip more frames than the prompt."""
+    clip, frames = data.get("clip_length"), int(model.get("max_frames", 8))
+    if clip is not None and int(clip) > frames:
+        errors.append(f"data.clip_length={clip} exceeds model.max_frames={frames}")
+    cond = int(model.get("cond_frames", 1))
+    if clip is not None and not 0 <= cond < int(clip):
+        errors.append(f"model.cond_frames={cond} must be in [0, data.clip_length={clip})")
+    if int(model.get("dim", 128)) % int(model.get("heads", 4)):
+        errors.append(f"model.dim={model.dim} is not divisible by model.heads={model.heads}")
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Reject impossible settings (naming the keys) and fill in derived values, in place."""
     errors: list[str] = []
@@ -161,8 +233,14 @@ def validate(cfg: DictConfig) -> DictConfig:
     _check_signature(cfg.data, "data", errors)
     if cfg.task == "train":
         _check_signature(cfg.model, "model", errors)
-        if cfg.model.get("name") in ("tokenizer", "tokenizer_cvivit", "videogpt_vqvae"):
+        if cfg.model.get("name") in ("tokenizer", "tokenizer_cvivit"):
             _check_tokenizer(cfg.model, cfg.data, errors)
+            if cfg.model.name == "tokenizer_cvivit":
+                _check_cvivit(cfg.model, cfg.data, cfg.eval, errors)
+        elif cfg.model.get("name") == "videogpt_vqvae":
+            _check_videogpt_vqvae(cfg.model, cfg.data, errors)
+        elif cfg.model.get("name") == "videogpt":
+            _check_videogpt(cfg.model, cfg.data, errors)
     for key in ("lr", "weight_decay"):
         if key in cfg.model and float(cfg.model[key]) < 0:
             errors.append(f"model.{key}={cfg.model[key]}: expected >= 0")

@@ -47,6 +47,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from worldmodel.eval.world import evaluate_lam
 
         metrics, media, n = evaluate_lam(model, cfg, run_dir, state)
+    elif name == "phenaki":
+        from worldmodel.eval.text_video import evaluate_text_video
+
+        metrics, media, n = evaluate_text_video(model, cfg, run_dir, state)
     elif mcfg.model.get("pipeline") is not None:
         from worldmodel.eval.world import evaluate_dynamics
 

@@ -132,6 +132,19 @@ def decode_tokens(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Te
     return rearrange(video, "(b t) c 1 h w -> b c t h w", b=b)
 
 
+@torch.no_grad()
+def decode_frames(parts: WorldParts, tokens: Tensor, bf16: bool = True) -> Tensor:
+    """A world model's token grids (B, T, h, w) -> video (B, C, T, H, W): through the model's own
+    codes when it has them (`decode_pixels`, e.g. genie2's latent quantizer), else through the
+    frozen tokenizer's codebook."""
+    decode_pixels = getattr(parts.dynamics, "decode_pixels", None)
+    if decode_pixels is None:
+        return decode_tokens(parts.tokenizer, tokens, bf16)
+    with autocast(bf16):
+        video = decode_pixels(parts.tokenizer, tokens)
+    return video.float().clamp(-1.0, 1.0)
+
+
 def true_action_mapping(
     pixels: Any, tokens: Any, num_codes: int
 ) -> tuple[Tensor, dict[int, int]] | None:
@@ -348,11 +361,11 @@ def _teacher_forced(
             for t in range(1, length)
         ]
     generated = torch.stack(generated, dim=1)  # (B, L-1, h, w)
-    pred = decode_tokens(parts.tokenizer, generated, bf16)  # (B, C, L-1, H, W)
+    pred = decode_frames(parts, generated, bf16)  # (B, C, L-1, H, W)
     _frame_scores(means, pred, real[:, :, 1:])
     means.add("token_acc", (generated == tokens[:, 1:]).float().mean(), b)
     means.add("copy_last_psnr", M.psnr(real[:, :, :-1], real[:, :, 1:]), b)
-    recon = decode_tokens(parts.tokenizer, tokens[:, 1:], bf16)
+    recon = decode_frames(parts, tokens[:, 1:], bf16)
     means.add("tokenizer_psnr", M.psnr(recon, real[:, :, 1:]), b)
     return real[:, :, 1:], pred
 
@@ -383,7 +396,7 @@ def _rollout(
         generated = parts.dynamics.rollout(
             tokens[:, :context], actions, horizon, **sampling.kwargs()
         )  # (B, horizon, h, w)
-    return decode_tokens(parts.tokenizer, generated, bf16)
+    return decode_frames(parts, generated, bf16)
 
 
 @torch.no_grad()
@@ -476,6 +489,8 @@ def evaluate_dynamics(
     samples = int(cfg.eval.get("media_samples", 4))
     n = 0
     for i, batch in enumerate(_progress(loader, cfg, "eval dynamics")):
+        if "latents" in batch:  # a model with its own quantizer over the tokenizer's latents
+            batch["tokens"] = model.encode(batch["latents"])  # (B, T, h, w) its codes
         b = batch["tokens"].shape[0]
         n += b
         window = {k: batch[k][:, : model.max_frames] for k in ("tokens", "actions", "mask")}

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.sampling import gumbel_noise, sliding_rollout
 from worldmodel.models.st_transformer import KVCache, STTransformer, init_weights
 
 SCHEDULES = ("cosine", "linear", "square", "sqrt")
@@ -384,8 +385,7 @@ class DynamicsModel(nn.Module):
             conf = probs.gather(-1, sampled[..., None])[..., 0]  # (B, m)
             if confidence_noise > 0:
                 # MaskGIT: Gumbel noise on the log-confidences, annealed to 0 over the steps
-                g = torch.rand(conf.shape, generator=generator, device=conf.device)
-                gumbel = -torch.log((-torch.log(g.clamp_min(1e-20))).clamp_min(1e-20))
+                gumbel = gumbel_noise(conf.shape, generator, conf.device)
                 noise = confidence_noise * (1 - (s + 1) / steps)
                 conf = conf.clamp_min(1e-20).log() + noise * gumbel
             frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure
@@ -423,30 +423,16 @@ class DynamicsModel(nn.Module):
                 f"got {tuple(actions.shape)}"
             )
         self._check_actions(actions[:, :need])
-        frames = context_tokens.long()
-        window = self.max_frames - 1
-        cache: DynamicsCache | None = None
-        start = max(0, t0 - window)
-        out = []
-        for _ in range(horizon):
-            total = frames.shape[1]
-            new_start = max(0, total - window)
-            if new_start != start:
-                cache = None  # positions moved: re-encode the window
-                start = new_start
-            if use_cache and cache is None:
-                cache = self.new_cache(frames[:, start:], actions[:, start : total - 1])
-            frame = self.generate_next(
-                frames[:, start:],
-                actions[:, start:total],
-                steps=steps,
-                temperature=temperature,
-                schedule=schedule,
-                generator=generator,
-                cache=cache,
-                use_cache=use_cache,
-                confidence_noise=confidence_noise,
-            )
-            out.append(frame)
-            frames = torch.cat([frames, frame[:, None]], dim=1)
-        return torch.stack(out, dim=1)
+        return sliding_rollout(
+            self,
+            context_tokens,
+            actions,
+            horizon,
+            window=self.max_frames - 1,  # the new frame takes the last place
+            use_cache=use_cache,
+            steps=steps,
+            temperature=temperature,
+            schedule=schedule,
+            generator=generator,
+            confidence_noise=confidence_noise,
+        )

@@ -22,7 +22,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from worldmodel.eval.world import WorldParts, autocast, decode_tokens
+from worldmodel.eval.world import WorldParts, autocast, decode_frames
 from worldmodel.media import to_uint8
 
 
@@ -110,7 +110,7 @@ class PlaySession:
 
     def _decode(self, tokens: Tensor) -> np.ndarray:
         """One token grid (1, 1, h, w) -> its picture (H, W, 3) uint8."""
-        video = decode_tokens(self.parts.tokenizer, tokens, self.bf16)  # (1, C, 1, H, W)
+        video = decode_frames(self.parts, tokens, self.bf16)  # (1, C, 1, H, W)
         frame = rearrange(to_uint8(video[0, :, 0]), "c h w -> h w c")
         if frame.shape[-1] == 1:
             frame = frame.expand(-1, -1, 3)

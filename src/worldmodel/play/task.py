@@ -42,11 +42,11 @@ DEFAULTS: dict[str, Any] = {
     "steps": 4,  # MaskGIT decoding steps per frame (fewer = faster)
     "temperature": 1.0,  # sampling temperature (0 = greedy)
     "seed": None,  # sampling seed; null = the run's seed
-    "precision": "bf16",  # bf16 | fp32 (autocast of the dynamics model and the decoder)
+    "precision": "fp32",  # fp32 | bf16 (batch-1 play is faster in fp32: tiny matmuls)
     "fps": 8,  # playback rate of play.gif / play.mp4
     "scale": 4,  # integer upscaling of play.gif / play.mp4
     "keys": None,  # movement -> true action id; null = procgen's buttons on procgen data
-    "threads": 1,  # torch threads; null = trainer.threads (batch-1 play gains nothing from more)
+    "threads": None,  # torch threads; null = trainer.threads
 }
 # procgen's 15 actions are button combinations; these are the plain movements (env.get_combos)
 PROCGEN_MOVES = {"left": 1, "down": 3, "noop": 4, "up": 5, "right": 7}
@@ -195,6 +195,10 @@ def play(cfg: DictConfig) -> dict[str, Any]:
     mapping = true_to_model_actions(parts, cfg.data, pixels) if need_mapping else {}
 
     prompt = load_prompt(settings, frame_size(parts), pixels)
+    if hasattr(model, "decode_pixels"):  # genie2: its own codes, typed action sets per step
+        from worldmodel.play.typed import play_typed
+
+        return play_typed(cfg, parts, prompt, settings)
     grid = tokenize_frames(parts.tokenizer, prompt[None].copy())  # (1, h, w)
     tokens = torch.from_numpy(grid).long()
     session = PlaySession(
