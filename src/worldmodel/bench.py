@@ -53,6 +53,20 @@ def _flops(fn: Callable[[], object]) -> float:
     return float(counter.get_total_flops())
 
 
+def _train_step(model: torch.nn.Module, batch: dict, bf16: bool) -> Callable[[], None]:
+    """One optimizer step of `model.loss(batch)` (AdamW, optional bf16 autocast), as a closure."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _ = model.loss(batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def _video(b: int = 2, t: int = 16, size: int = 64) -> torch.Tensor:
     return torch.rand(b, 3, t, size, size) * 2 - 1  # (B, C, T, H, W)
 
@@ -79,15 +93,8 @@ def case_tokenizer(kind: str, overrides: list[str], warmup: int, iters: int) -> 
         "actions": torch.zeros(2, 16, dtype=torch.long),
         "mask": torch.ones(2, 16, dtype=torch.bool),
     }
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     bf16 = kind.endswith("bf16")
-
-    def train_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    train_step = _train_step(model, batch, bf16)
 
     @torch.no_grad()
     def encode() -> None:
@@ -169,15 +176,8 @@ def case_lam(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     model = build_model(cfg.model)
     video = _video()  # (2, 3, 16, 64, 64): open-genie's LAM case
     batch = {"video": video, "mask": torch.ones(2, 16, dtype=torch.bool)}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     bf16 = kind.endswith("bf16")
-
-    def train_step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss, _ = model.loss(batch)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    train_step = _train_step(model, batch, bf16)
 
     flops = _flops(train_step)
     times = _timed(train_step, warmup, iters)
@@ -208,14 +208,7 @@ def case_dynamics(kind: str, overrides: list[str], warmup: int, iters: int) -> d
             "actions": torch.randint(0, model.num_actions, (b, t)),
             "mask": torch.ones(b, t, dtype=torch.bool),
         }
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def fn() -> None:
-            with amp:
-                loss, _ = model.loss(batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        fn = _train_step(model, batch, bf16)
 
     else:
         model.eval()

@@ -394,6 +394,35 @@ class VideoTokenizer(nn.Module):
             norm,
         )
 
+        self.init_losses(
+            in_channels,
+            l1_weight,
+            l2_weight,
+            quantizer_weight,
+            lpips_weight,
+            lpips_weights_path,
+            lpips_random_backbone,
+            gan_weight,
+            gan_start_step,
+            disc_channels,
+            disc_layers,
+        )
+
+    def init_losses(
+        self,
+        in_channels: int,
+        l1_weight: float,
+        l2_weight: float,
+        quantizer_weight: float,
+        lpips_weight: float,
+        lpips_weights_path: str | None,
+        lpips_random_backbone: bool,
+        gan_weight: float,
+        gan_start_step: int,
+        disc_channels: int,
+        disc_layers: int,
+    ) -> None:
+        """The loss weights and modules every tokenizer built on this class trains with."""
         self.l1_weight, self.l2_weight = l1_weight, l2_weight
         self.quantizer_weight = quantizer_weight
         self.lpips_weight = lpips_weight

@@ -32,7 +32,6 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from worldmodel.models.losses import FrameDiscriminator, LPIPSLoss
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import STTransformer, init_weights
 from worldmodel.models.tokenizer import VideoTokenizer
@@ -314,19 +313,19 @@ class CViViT(VideoTokenizer):
             part.apply(init_weights)
         self.decoder.head.apply(init_weights)
 
-        self.l1_weight, self.l2_weight = l1_weight, l2_weight
-        self.quantizer_weight = quantizer_weight
-        self.lpips_weight = lpips_weight
-        self.lpips = (
-            LPIPSLoss(lpips_weights_path, "model.lpips_weights_path", lpips_random_backbone)
-            if lpips_weight > 0
-            else None
+        self.init_losses(
+            in_channels,
+            l1_weight,
+            l2_weight,
+            quantizer_weight,
+            lpips_weight,
+            lpips_weights_path,
+            lpips_random_backbone,
+            gan_weight,
+            gan_start_step,
+            disc_channels,
+            disc_layers,
         )
-        self.gan_weight, self.gan_start_step = gan_weight, gan_start_step
-        self.discriminator = (
-            FrameDiscriminator(in_channels, disc_channels, disc_layers) if gan_weight > 0 else None
-        )
-        self._disc_cache: tuple[Tensor, Tensor] | None = None
 
     # ----------------------------------------------------------------------------- shapes
     def _check_shape(self, T: int, H: int, W: int) -> None:
