@@ -11,6 +11,7 @@ import av
 import pytest
 import torch
 from conftest import compose_config
+from einops import rearrange
 from omegaconf import OmegaConf, open_dict
 
 from worldmodel.build import load_model
@@ -18,7 +19,7 @@ from worldmodel.config import instantiate, validate
 from worldmodel.data.captions import caption, captions_from_actions, motion
 from worldmodel.eval.runner import evaluate
 from worldmodel.eval.text_video import make_video
-from worldmodel.models.phenaki import PhenakiModel, TokenCritic
+from worldmodel.models.phenaki import PhenakiModel, TokenCritic, prime_time_mask
 from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
 from worldmodel.train.loop import train
@@ -189,6 +190,45 @@ def test_prime_frames_are_kept_and_continue_video(fitted) -> None:
     long = torch.randint(0, V, (2, 5, H, W))
     cont = fitted.continue_video(long, ["one", "two"], T, prime_frames=1, steps=2)
     assert torch.equal(cont[:, :1], long[:, -1:])
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_cached_prime_frames_sample_the_same_tokens(fitted, cond_scale: float) -> None:
+    """Prime frames encoded once (PrimeCache) give the same video as running the whole clip at
+    every step; the prime frames read only each other, so what follows cannot change them."""
+    gen = torch.Generator().manual_seed(3)
+    tokens, texts = text_task(3, gen)
+    for k in (1, 2):
+        kwargs = dict(steps=3, temperature=1.0, cond_scale=cond_scale)
+        cached = fitted.sample(
+            texts, T, tokens[:, :k], generator=torch.Generator().manual_seed(5), **kwargs
+        )
+        plain = fitted.sample(
+            texts,
+            T,
+            tokens[:, :k],
+            generator=torch.Generator().manual_seed(5),
+            use_cache=False,
+            **kwargs,
+        )
+        assert torch.equal(cached, plain), k
+    x = rearrange(tokens, "b t h w -> b t (h w)")
+    ctx = fitted.encode_text(texts)
+    real = torch.ones(3, T, dtype=torch.bool)
+    prime = prime_time_mask(torch.full((3,), 2), T)
+    other = x.clone()
+    other[:, 2:] = fitted.mask_id  # the frames after the primes change ...
+    with torch.no_grad():
+        a = fitted.all_logits(x, ctx.features, ctx.mask, real, prime)[:, :2]
+        b = fitted.all_logits(other, ctx.features, ctx.mask, real, prime)[:, :2]
+    assert torch.allclose(a, b, atol=1e-5)  # ... and the prime frames' outputs do not
+
+
+def test_prime_time_mask() -> None:
+    mask = prime_time_mask(torch.tensor([0, 2]), 3)
+    assert mask[0].all()  # no prime frames: every frame reads every frame
+    expect = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[1], expect)
 
 
 def test_token_critic_trains_and_changes_what_is_remasked(fitted) -> None:

@@ -249,3 +249,26 @@ def test_evaluate_dynamics_on_latent_actions(world, tmp_path):
     confusion, mapping = W.true_action_mapping(pixels, tokens, 4)
     assert confusion.shape == (15, 4) and set(mapping.values()) <= set(range(4))
     assert int(confusion.sum()) == pixels.num_frames - pixels.num_episodes  # one per transition
+
+
+@pytest.mark.parametrize(
+    "k, pixels, latents, spans",
+    [
+        (1, 4, 4, {(0, 1): (0, 1), (1, 4): (1, 4)}),
+        (2, 9, 5, {(0, 1): (0, 1), (1, 2): (1, 3), (1, 5): (1, 9), (2, 4): (3, 7)}),  # C-ViViT
+        (4, 8, 2, {(0, 1): (0, 4), (1, 2): (4, 8)}),  # a VQ-VAE encoding groups of 4
+    ],
+)
+def test_frame_layout_maps_latent_frames_to_pixel_frames(k, pixels, latents, spans) -> None:
+    tokenizer = torch.nn.Module()
+    tokenizer.temporal_downsample = k
+    layout = W.FrameLayout.of(tokenizer, pixels, latents)
+    for (j0, j1), (a, b) in spans.items():
+        assert layout.span(j0, j1) == slice(a, b), (j0, j1)
+
+
+def test_frame_layout_refuses_clips_it_cannot_cover() -> None:
+    tokenizer = torch.nn.Module()
+    tokenizer.temporal_downsample = 2
+    with pytest.raises(ValueError, match="cannot cover 12 pixel frames"):
+        W.FrameLayout.of(tokenizer, 12, 5)

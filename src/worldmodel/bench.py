@@ -271,6 +271,105 @@ def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     }
 
 
+# phenaki-pytorch's published CPU case: CViViT dim 256, 8x8 patches, temporal patch 2, 4 + 4
+# spatial / temporal layers (heads 4 x 64), LFQ with 1024 codes, on (2, 3, 17, 64, 64); its
+# MaskGit d=256 x 4 over 9 latent frames of 8x8 tokens (576 tokens).
+PEER_CVIVIT = [
+    "model=tokenizer_cvivit",
+    "model.dim=256",
+    "model.heads=4",
+    "model.spatial_downsample=8",
+    "model.temporal_downsample=2",
+    "model.spatial_depth=4",
+    "model.temporal_depth=4",
+    "model.max_frames=9",
+    "model.quantizer={kind: lfq, codebook_size: 1024}",
+]
+PEER_PHENAKI = [
+    "model=phenaki",
+    "model.dim=256",
+    "model.depth=4",
+    "model.heads=4",
+    "model.vocab_size=1024",
+    "model.grid=[8,8]",
+    "model.max_frames=9",
+]
+
+
+def case_cvivit(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """C-ViViT training step or encoding at phenaki-pytorch's sizes, on (2, 3, 17, 64, 64)."""
+    from worldmodel.build import build_model
+
+    cfg = _compose([*PEER_CVIVIT, *overrides])
+    model = build_model(cfg.model)
+    video = _video(t=17)
+    bf16 = kind.endswith("bf16")
+    batch = {"video": video, "mask": torch.ones(2, 17, dtype=torch.bool)}
+    if kind.startswith("train"):
+        fn = _train_step(model, batch, bf16)
+    else:
+        model.eval()
+
+        @torch.no_grad()
+        def fn() -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                model.tokenize(video)
+
+    flops = _flops(fn)
+    times = _timed(fn, warmup, iters)
+    return {
+        **_summary(times),
+        "frames_per_s": video.shape[0] * video.shape[2] / statistics.median(times),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop": flops / 1e9,
+        "shape": list(video.shape),
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
+def case_phenaki(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """Phenaki sampling at phenaki-pytorch's sizes (8 MaskGIT steps, batch 1, guidance off):
+    `sample`: a 17-frame clip from text (9 latent frames, 576 tokens) decoded by the peer-size
+    C-ViViT; `continue_cached` / `continue_full`: a long video's next latent frame (2 frames)
+    primed on the 8 latent frames before it -- prime frames encoded once, or the whole clip at
+    every step (the reference path, what a model without the cache runs)."""
+    from worldmodel.build import build_model
+
+    tokenizer = build_model(_compose([*PEER_CVIVIT, *overrides]).model).eval()
+    model = build_model(_compose([*PEER_PHENAKI, *overrides]).model).eval()
+    text = model.encode_text(["coinrun, moving right"])
+    bf16 = kind.endswith("bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    prime = torch.randint(0, model.vocab_size, (1, 8, *model.grid))
+    decode_s: list[float] = []
+
+    @torch.no_grad()
+    def fn() -> None:
+        with amp:
+            if kind.startswith("sample"):
+                tokens = model.sample(text, 9, steps=8)  # (1, 9, 8, 8)
+                start = time.perf_counter()
+                tokenizer.detokenize(tokens)  # (1, 3, 17, 64, 64)
+                decode_s.append(time.perf_counter() - start)
+            else:
+                model.sample(text, 9, prime, steps=8, use_cache=kind.startswith("continue_cached"))
+
+    flops = _flops(fn)
+    times = _timed(fn, warmup, iters)
+    out = {
+        **_summary(times),
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop": flops / 1e9,
+        "latent_frames": 9,
+        "new_latent_frames": 9 if kind.startswith("sample") else 1,
+        "maskgit_steps": 8,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+    if decode_s:
+        out["decode_ms"] = statistics.median(decode_s[-iters:]) * 1e3
+    return out
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -286,6 +385,15 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
     "play_demo": case_play,
+    "cvivit_train_fp32": lambda o, w, i: case_cvivit("train_fp32", o, w, i),
+    "cvivit_train_bf16": lambda o, w, i: case_cvivit("train_bf16", o, w, i),
+    "cvivit_encode_fp32": lambda o, w, i: case_cvivit("encode_fp32", o, w, i),
+    "cvivit_encode_bf16": lambda o, w, i: case_cvivit("encode_bf16", o, w, i),
+    "phenaki_sample_fp32": lambda o, w, i: case_phenaki("sample_fp32", o, w, i),
+    "phenaki_sample_bf16": lambda o, w, i: case_phenaki("sample_bf16", o, w, i),
+    "phenaki_continue_cached_fp32": lambda o, w, i: case_phenaki("continue_cached_fp32", o, w, i),
+    "phenaki_continue_cached_bf16": lambda o, w, i: case_phenaki("continue_cached_bf16", o, w, i),
+    "phenaki_continue_full_fp32": lambda o, w, i: case_phenaki("continue_full_fp32", o, w, i),
 }
 
 

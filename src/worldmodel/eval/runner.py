@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
@@ -47,14 +48,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         from worldmodel.eval.world import evaluate_lam
 
         metrics, media, n = evaluate_lam(model, cfg, run_dir, state)
-    elif name == "phenaki":
-        from worldmodel.eval.text_video import evaluate_text_video
-
-        metrics, media, n = evaluate_text_video(model, cfg, run_dir, state)
     elif mcfg.model.get("pipeline") is not None:
         from worldmodel.eval.world import evaluate_dynamics
 
         metrics, media, n = evaluate_dynamics(model, cfg, run_dir, state)
+        if name == "phenaki" and len(model.games or []) > 1:  # text -> which game, per game
+            from worldmodel.eval.text_video import evaluate_text_video
+
+            text_metrics, text_media, _ = evaluate_text_video(model, cfg, run_dir, state)
+            metrics = {**text_metrics, **metrics}
+            media = {**text_media, **media}
     else:
         raise NotImplementedError(f"task=eval has no evaluation for model {name!r}")
     result = {
@@ -85,6 +88,21 @@ def _lpips(cfg: DictConfig) -> nn.Module | None:
     return M.LPIPSMetric(net=cfg.eval.get("lpips_net", "alex"), weights_path=cfg.eval.lpips_weights)
 
 
+def _reconstruct(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(reconstruction (B, C, T, H, W), indices (B, t, h, w)) of clips. A per-frame tokenizer
+    built for shorter clips than these (VideoGPT's VQ-VAE with max_frames=1, as the pipeline uses
+    it) reconstructs each frame alone."""
+    b, t = video.shape[0], video.shape[2]
+    limit = getattr(model, "max_latent_frames", None)
+    if int(getattr(model, "temporal_downsample", 1)) == 1 and limit is not None and t > limit:
+        recon, indices = model.reconstruct(rearrange(video, "b c t h w -> (b t) c 1 h w"))
+        return (
+            rearrange(recon, "(b t) c 1 h w -> b c t h w", b=b),
+            rearrange(indices, "(b t) 1 h w -> b t h w", b=b),
+        )
+    return model.reconstruct(video)
+
+
 @torch.no_grad()
 def evaluate_tokenizer(
     model: nn.Module, val: Any, cfg: DictConfig, run_dir: Path
@@ -102,7 +120,7 @@ def evaluate_tokenizer(
     for batch in tqdm(loader, desc="eval", disable=not cfg.trainer.progress):
         video = batch["video"]
         with amp:
-            recon, indices = model.reconstruct(video)
+            recon, indices = _reconstruct(model, video)
         recon = recon.float().clamp(-1, 1)
         b = video.shape[0]
         scores = {"psnr": M.psnr(recon, video), "ssim": M.ssim(recon, video)}
@@ -117,7 +135,8 @@ def evaluate_tokenizer(
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
     stats = M.codebook_stats(torch.cat(all_indices), int(model.codebook_size))
     metrics.update({f"codebook/{k}": float(v) for k, v in stats.items()})
-    metrics["tokens_per_frame"] = float(indices[0, 0].numel())
+    metrics["tokens_per_frame"] = float(indices[0, 0].numel())  # per latent frame
+    metrics["tokens_per_pixel_frame"] = indices[0].numel() / video.shape[2]  # per video frame
     media = {
         "reconstruction_grid": run_dir / "reconstruction.png",
         "side_by_side_gif": run_dir / "side_by_side.gif",

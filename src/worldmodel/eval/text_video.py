@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from worldmodel.config import instantiate
 from worldmodel.data.procgen import PROCGEN_NUM_ACTIONS
-from worldmodel.eval.world import autocast, decode_tokens, load_world, seeded
+from worldmodel.eval.world import autocast, decode_clip, load_world, seeded
 from worldmodel.media import save_gif, save_mp4, side_by_side
 from worldmodel.pipeline import token_datasets
 from worldmodel.train.loop import val_subset
@@ -126,7 +126,7 @@ def make_video(
         clip = model.continue_video(clip, [text], frames_per_scene, prime_frames, **sampling)
         scenes.append(clip[:, prime_frames:])  # the primed frames are already in the video
     tokens = torch.cat(scenes, dim=1)  # (1, T, h, w)
-    video = decode_tokens(tokenizer, tokens, bf16)[0]  # (C, T, H, W)
+    video = decode_clip(tokenizer, tokens, bf16)[0]  # (C, T, H, W)
     return save_mp4(video, path, fps=fps, scale=scale), video
 
 
@@ -215,8 +215,8 @@ def evaluate_text_video(
     media: dict[str, Path] = {}
     if shown is not None:
         k = min(int(ev.get("media_samples", 4)), shown[0].shape[0])
-        real = decode_tokens(parts.tokenizer, shown[0][:k], bf16)  # (k, C, T, H, W)
-        fake = decode_tokens(parts.tokenizer, shown[1][:k], bf16)
+        real = decode_clip(parts.tokenizer, shown[0][:k], bf16)  # (k, C, T, H, W)
+        fake = decode_clip(parts.tokenizer, shown[1][:k], bf16)
         pair = torch.cat([side_by_side(r, f) for r, f in zip(real, fake)], dim=2)  # rows
         media["text_to_video_mp4"] = save_mp4(pair, run_dir / "text_to_video.mp4", fps=8, scale=4)
         media["text_to_video_gif"] = save_gif(pair, run_dir / "text_to_video.gif", fps=8, scale=4)

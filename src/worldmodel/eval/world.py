@@ -10,7 +10,11 @@ tokenizer: teacher-forced next-frame PSNR/SSIM, autoregressive rollout PSNR agai
 ΔtPSNR (rollouts with the inferred or true actions minus rollouts with random actions, paired per
 clip), an FVD-style distance between real and generated clips, and generation speed. Token clips
 come from `worldmodel.pipeline.token_datasets` and pixel clips from the same split with the same
-enumeration, so clip i of both is the same frames.
+enumeration, so clip i of both is the same frames. With a tokenizer that compresses time (C-ViViT,
+a temporal VQ-VAE) a latent frame covers several pixel frames (`FrameLayout`): generated latent
+frames are decoded together with the real latent frames before them, as one clip, and scored
+against the pixel frames they cover, so rollout curves and ΔtPSNR count pixel frames for every
+tokenizer.
 
 Both return `(metrics, media, num_clips)` for `eval.runner.evaluate`, which writes eval.json.
 Sampling uses a fixed `torch.Generator` (seed `cfg.seed`) and the masked-token loss runs under a
@@ -133,6 +137,24 @@ def decode_tokens(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Te
 
 
 @torch.no_grad()
+def decode_clip(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Tensor:
+    """A token clip (B, T', h, w) -> video (B, C, T, H, W). Per-frame tokens are decoded each
+    frame alone (`decode_tokens`); tokens of a tokenizer that compresses time are decoded as one
+    clip, and a clip longer than the tokenizer's `max_latent_frames` through a sliding window that
+    keeps the k pixel frames of its newest latent frame (the window's first latent frame is then
+    read as a clip's first frame: an approximation for its context only)."""
+    k = int(getattr(tokenizer, "temporal_downsample", 1))
+    if k == 1:
+        return decode_tokens(tokenizer, tokens, bf16)
+    window = int(getattr(tokenizer, "max_latent_frames", None) or tokens.shape[1])
+    with autocast(bf16):
+        pieces = [tokenizer.detokenize(tokens[:, :window])]  # (B, C, T_w, H, W)
+        for j in range(window, tokens.shape[1]):
+            pieces.append(tokenizer.detokenize(tokens[:, j - window + 1 : j + 1])[:, :, -k:])
+    return torch.cat(pieces, dim=2).float().clamp(-1.0, 1.0)
+
+
+@torch.no_grad()
 def decode_frames(parts: WorldParts, tokens: Tensor, bf16: bool = True) -> Tensor:
     """A world model's token grids (B, T, h, w) -> video (B, C, T, H, W): through the model's own
     codes when it has them (`decode_pixels`, e.g. genie2's latent quantizer), else through the
@@ -143,6 +165,63 @@ def decode_frames(parts: WorldParts, tokens: Tensor, bf16: bool = True) -> Tenso
     with autocast(bf16):
         video = decode_pixels(parts.tokenizer, tokens)
     return video.float().clamp(-1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Which pixel frames of a clip each latent frame of its token clip decodes to.
+
+    A per-frame tokenizer (k = 1): latent frame j is pixel frame j. A tokenizer that compresses
+    time (k = temporal_downsample > 1) covers k pixel frames per latent frame, counted back from
+    the clip's last frame (the pipeline's rule, see `ClipwiseTokenDataset`): for a causal one whose
+    first frame is alone (C-ViViT: 9 frames -> 5 latent frames) latent frame 0 is pixel frame 0 and
+    latent frame j >= 1 is frames 2j - 1 .. 2j; for one that encodes whole groups (VideoGPT's
+    VQ-VAE, k = 4: 8 frames -> 2) latent frame j is frames 4j .. 4j + 3.
+    """
+
+    k: int  # pixel frames per latent frame (the tokenizer's temporal_downsample)
+    pixels: int  # T: pixel frames of the clip
+    latents: int  # T': latent frames of its token clip
+
+    @classmethod
+    def of(cls, tokenizer: nn.Module, pixels: int, latents: int) -> FrameLayout:
+        k = int(getattr(tokenizer, "temporal_downsample", 1))
+        if k == 1 and pixels != latents or pixels < latents or pixels > k * latents:
+            raise ValueError(
+                f"{latents} latent frames cannot cover {pixels} pixel frames with a tokenizer of "
+                f"temporal_downsample={k}"
+            )
+        return cls(k, pixels, latents)
+
+    def last(self, j: int) -> int:
+        """The last pixel frame of latent frame j."""
+        return self.pixels - 1 - self.k * (self.latents - 1 - j)
+
+    def span(self, j0: int, j1: int) -> slice:
+        """The pixel frames of latent frames j0 .. j1 - 1."""
+        return slice(self.last(j0 - 1) + 1 if j0 > 0 else 0, self.last(j1 - 1) + 1)
+
+
+@torch.no_grad()
+def decode_after(parts: WorldParts, context: Tensor, new: Tensor, bf16: bool = True) -> Tensor:
+    """The pixel frames (B, C, n, H, W) of the latent frames `new` (B, t, h, w) that follow the
+    latent frames `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone (`decode_frames`);
+    tokens of a tokenizer that compresses time are decoded with their context as one clip (its
+    decoder reads across latent frames) and the new frames' k * t pixel frames are kept."""
+    k = int(getattr(parts.tokenizer, "temporal_downsample", 1))
+    if k == 1:
+        return decode_frames(parts, new, bf16)
+    video = decode_clip(parts.tokenizer, torch.cat([context, new], dim=1), bf16)  # (B, C, T, H, W)
+    return video[:, :, -k * new.shape[1] :]
+
+
+def text_context(model: nn.Module, clip_actions: Tensor) -> Any:
+    """The conditioning a text-to-video model (phenaki: `texts_of`) generates with: the caption
+    of the whole clip, rendered from its actions as in training; None for action-conditioned
+    models (they read the action of each frame)."""
+    if not hasattr(model, "texts_of"):
+        return None
+    return model.encode_text(model.texts_of({"actions": clip_actions}))
 
 
 def true_action_mapping(
@@ -349,25 +428,39 @@ def _teacher_forced(
     to it; score the decoded frames against the real pixels. Returns (real, generated) frames
     (B, C, L-1, H, W), L = the frames that fit the model's window."""
     model = parts.dynamics
+    video = batch["video"]  # (B, C, T, H, W)
+    layout = FrameLayout.of(parts.tokenizer, video.shape[2], batch["tokens"].shape[1])
     length = min(batch["tokens"].shape[1], model.max_frames)
     tokens = batch["tokens"][:, :length]  # (B, L, h, w)
     actions = batch["actions"][:, :length]  # (B, L)
-    real = batch["video"][:, :, :length]  # (B, C, L, H, W)
     b = tokens.shape[0]
     with autocast(bf16):
-        cache = model.new_cache(tokens[:, :1], actions[:, :0])
+        cache = text_context(model, actions)
+        if cache is None:
+            cache = model.new_cache(tokens[:, :1], actions[:, :0])
         generated = [
             model.generate_next(tokens[:, :t], actions[:, :t], cache=cache, **sampling.kwargs())
             for t in range(1, length)
         ]
     generated = torch.stack(generated, dim=1)  # (B, L-1, h, w)
-    pred = decode_frames(parts, generated, bf16)  # (B, C, L-1, H, W)
-    _frame_scores(means, pred, real[:, :, 1:])
+    if layout.k == 1:
+        pred = decode_frames(parts, generated, bf16)  # (B, C, L-1, H, W)
+    else:  # frame t decoded after the real frames 0..t-1 it was generated from
+        pred = torch.cat(
+            [
+                decode_after(parts, tokens[:, :t], generated[:, t - 1 : t], bf16)
+                for t in range(1, length)
+            ],
+            dim=2,
+        )
+    span = layout.span(1, length)
+    real = video[:, :, span]  # (B, C, n, H, W): the pixel frames of latent frames 1..L-1
+    _frame_scores(means, pred, real)
     means.add("token_acc", (generated == tokens[:, 1:]).float().mean(), b)
-    means.add("copy_last_psnr", M.psnr(real[:, :, :-1], real[:, :, 1:]), b)
-    recon = decode_frames(parts, tokens[:, 1:], bf16)
-    means.add("tokenizer_psnr", M.psnr(recon, real[:, :, 1:]), b)
-    return real[:, :, 1:], pred
+    means.add("copy_last_psnr", M.psnr(video[:, :, span.start - 1 : span.stop - 1], real), b)
+    recon = decode_after(parts, tokens[:, :1], tokens[:, 1:], bf16)
+    means.add("tokenizer_psnr", M.psnr(recon, real), b)
+    return real, pred
 
 
 def _random_actions(
@@ -390,34 +483,38 @@ def _rollout(
     sampling: Sampling,
     bf16: bool,
 ) -> Tensor:
-    """Decoded frames (B, C, horizon, H, W) generated autoregressively after `context` real
-    token frames of `tokens` (B, T, h, w), driven by `actions` (B, T)."""
+    """Decoded pixel frames (B, C, n, H, W) of `horizon` latent frames generated
+    autoregressively after `context` real token frames of `tokens` (B, T, h, w), driven by
+    `actions` (B, T) (n = horizon for per-frame tokens)."""
     with autocast(bf16):
         generated = parts.dynamics.rollout(
             tokens[:, :context], actions, horizon, **sampling.kwargs()
         )  # (B, horizon, h, w)
-    return decode_frames(parts, generated, bf16)
+    return decode_after(parts, tokens[:, :context], generated, bf16)
 
 
 @torch.no_grad()
 def generation_speed(
     parts: WorldParts, tokens: Tensor, actions: Tensor, frames: int, sampling: Sampling, bf16: bool
 ) -> float:
-    """Frames per second of `generate_next` with the KV cache, one clip at a time (batch 1), from
-    the context `tokens` (1, c, h, w) with `actions` (1, >= c + frames - 1); decoding excluded."""
+    """Pixel frames per second of `generate_next` with the KV cache, one clip at a time (batch
+    1), from the context `tokens` (1, c, h, w) with `actions` (1, >= c + frames - 1); decoding
+    excluded. A latent frame of a tokenizer that compresses time counts as the k pixel frames it
+    decodes to."""
     model = parts.dynamics
     c = tokens.shape[1]
     frames = max(1, min(frames, model.max_frames - c))
     with autocast(bf16):
-        model.generate_next(tokens, actions[:, :c], **sampling.kwargs())  # warm-up
-        cache = model.new_cache(tokens, actions[:, : c - 1])
+        text = text_context(model, actions)
+        model.generate_next(tokens, actions[:, :c], cache=text, **sampling.kwargs())  # warm-up
+        cache = text if text is not None else model.new_cache(tokens, actions[:, : c - 1])
         start = time.perf_counter()
         for _ in range(frames):
             t = tokens.shape[1]
             frame = model.generate_next(tokens, actions[:, :t], cache=cache, **sampling.kwargs())
             tokens = torch.cat([tokens, frame[:, None]], dim=1)
         elapsed = time.perf_counter() - start
-    return frames / elapsed
+    return frames * int(getattr(parts.tokenizer, "temporal_downsample", 1)) / elapsed
 
 
 def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
@@ -441,6 +538,13 @@ def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
         }
     )
     return out
+
+
+def latent_frames(parts: WorldParts, pixels: Any) -> int:
+    """Latent frames of the token clips of `pixels`' clips (= their frames for per-frame tokens)."""
+    if int(getattr(parts.tokenizer, "temporal_downsample", 1)) == 1:
+        return int(pixels.clip_length)
+    return int(parts.tokenizer.latent_shape(pixels.clip_length, *pixels.resolution)[0])
 
 
 def _rollout_lengths(cfg: DictConfig, clip_length: int) -> tuple[int, int]:
@@ -472,12 +576,16 @@ def evaluate_dynamics(
     """Next-frame quality, rollouts vs horizon, ΔtPSNR, FVD and speed of a dynamics model.
 
     `cfg` is the eval run's config (data, eval, trainer.precision); the checkpoint's own config
-    in `state["config"]` names the frozen tokenizer/LAM and the action source.
+    in `state["config"]` names the frozen tokenizer/LAM and the action source. With a tokenizer
+    that compresses time, eval.context_frames and eval.horizon count latent frames, and the
+    rollout curves count the pixel frames they decode to.
     """
     parts = load_world(model, state)
     pixels = pixel_val(cfg.data)
+    layout = FrameLayout.of(parts.tokenizer, pixels.clip_length, latent_frames(parts, pixels))
     loader = _loader(PairedClips(token_val(parts, cfg.data, pixels), pixels), cfg)
-    context, horizon = _rollout_lengths(cfg, pixels.clip_length)
+    context, horizon = _rollout_lengths(cfg, layout.latents)
+    span = layout.span(context, context + horizon)  # the pixel frames the rollouts generate
     bf16 = _bf16(cfg)
     gen = torch.Generator().manual_seed(int(cfg.seed))
     sampling = Sampling(int(cfg.eval.get("steps", 8)), float(cfg.eval.get("temperature", 1.0)), gen)
@@ -504,12 +612,12 @@ def evaluate_dynamics(
         random = _random_actions(actions, context, parts.num_actions, gen)
         fake = _rollout(parts, tokens, actions, context, horizon, sampling, bf16)
         fake_random = _rollout(parts, tokens, random, context, horizon, sampling, bf16)
-        real = video[:, :, context : context + horizon]  # (B, C, horizon, H, W)
-        psnr_actions.append(M.psnr(fake, real, reduction="none"))  # (B, horizon)
+        real = video[:, :, span]  # (B, C, n, H, W)
+        psnr_actions.append(M.psnr(fake, real, reduction="none"))  # (B, n)
         psnr_random.append(M.psnr(fake_random, real, reduction="none"))
         # FVD compares whole clips: the real context frames followed by the real / generated ones
-        real_clip = video[:, :, : context + horizon]
-        fake_clip = torch.cat([video[:, :, :context], fake], dim=2)
+        real_clip = video[:, :, : span.stop]
+        fake_clip = torch.cat([video[:, :, : span.start], fake], dim=2)
         real_feats.update(feature_net(real_clip))
         fake_feats.update(feature_net(fake_clip))
         if not shown:
@@ -531,14 +639,14 @@ def evaluate_dynamics(
     metrics["gen_fps"] = generation_speed(parts, *first, horizon, sampling, bf16)
 
     label = "latent actions" if parts.action_source == "latent" else "true actions"
-    horizons = list(range(1, horizon + 1))
+    horizons = list(range(1, span.stop - span.start + 1))  # pixel frames after the context
     media = {
         "next_frame_grid": save_grid(list(shown["next"]), run_dir / "next_frame.png"),
         "rollout_psnr_plot": plot_curve(
             horizons,
             {label: metrics["rollout_psnr"], "random actions": metrics["rollout_psnr_random"]},
             run_dir / "rollout_psnr.png",
-            title=f"rollout PSNR after {context} real frame(s)",
+            title=f"rollout PSNR after {span.start} real frame(s)",
         ),
         "delta_psnr_plot": plot_curve(
             horizons,

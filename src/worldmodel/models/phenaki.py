@@ -33,6 +33,14 @@ re-masked); `critic=TokenCritic` -- every generated token, scored by a separate 
 tell re-sampled tokens from real ones (Lezama et al., 2022, "Token-Critic"). `rollout` /
 `generate_next` give the world-model interface of `models/dynamics.py` (the text comes from
 `text=` or from the actions' captions).
+
+Primed frames are context, not output: in training (when the first k frames are kept) and in
+sampling they attend to each other only, while the frames after them attend to every real frame
+(`prime_time_mask`). Their keys and values therefore do not depend on the frames being generated:
+`sample` encodes the prime frames once (`PrimeCache`) and each MaskGIT step runs the new frames
+alone, which makes continuing a video -- and every frame of a rollout, primed on the frames
+before it -- cost the new frames only (`use_cache=False` runs the whole clip at every step, the
+reference path; both give the same tokens).
 """
 
 from __future__ import annotations
@@ -78,10 +86,28 @@ class ContextAttention(nn.Module):
         self.to_kv = nn.Linear(context_dim or dim, 2 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, context: Tensor, key_mask: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        key_mask: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+        record: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """`key_mask` (S, Lk) or per query (S, Lq, Lk); `past`: keys and values (S, h, Lp, d)
+        read before the context's own (Lk = Lp + context length); `record` collects the
+        context's keys and values."""
         q = rearrange(self.to_q(x), "s l (h d) -> s h l d", h=self.heads)
         k, v = rearrange(self.to_kv(context), "s l (two h d) -> two s h l d", two=2, h=self.heads)
-        mask = key_mask[:, None, None, :]  # (S, 1, 1, Lk): broadcast over heads and queries
+        if record is not None:
+            record.append((k, v))
+        if past is not None:
+            k, v = (
+                torch.cat([past[0].to(k.dtype), k], dim=2),
+                torch.cat([past[1].to(v.dtype), v], 2),
+            )
+        # (S, 1, 1 | Lq, Lk): broadcast over heads (and queries)
+        mask = key_mask[:, None, None, :] if key_mask.dim() == 2 else key_mask[:, None]
         if q.dtype != k.dtype:  # under autocast the context may arrive in fp32
             k, v = k.to(q.dtype), v.to(q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
@@ -112,16 +138,31 @@ class PhenakiBlock(nn.Module):
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=dropout)
 
-    def forward(self, x: Tensor, frame_mask: Tensor, text: Tensor, text_mask: Tensor) -> Tensor:
-        """x (B, T, N, D), frame_mask (B, T) bool, text (B, L, D), text_mask (B, L) bool."""
+    def forward(
+        self,
+        x: Tensor,
+        frame_mask: Tensor,
+        text: Tensor,
+        text_mask: Tensor,
+        time_mask: Tensor | None = None,
+        past: tuple[Tensor, Tensor] | None = None,
+        record: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """x (B, T, N, D), frame_mask (B, Tp + T) bool over the `past` frames (cached temporal
+        keys/values, Tp of them) and x's, text (B, L, D), text_mask (B, L) bool; `time_mask`
+        (B, T, T) bool: which frames each frame may read (None = every real frame)."""
         b, t, n, _ = x.shape
         h = rearrange(self.norm_space(x), "b t n d -> (b t) n d")
         h = self.attn_space(h, bias=None if self.rel_bias is None else self.rel_bias())
         x = x + rearrange(h, "(b t) n d -> b t n d", b=b)
 
         h = rearrange(self.norm_time(x), "b t n d -> (b n) t d")
-        keys = repeat(frame_mask, "b t -> (b n) t", n=n)  # padded frames are never read
-        x = x + rearrange(self.attn_time(h, h, keys), "(b n) t d -> b t n d", b=b)
+        if time_mask is None:
+            keys = repeat(frame_mask, "b t -> (b n) t", n=n)  # padded frames are never read
+        else:
+            keys = repeat(time_mask & frame_mask[:, None], "b q k -> (b n) q k", n=n)
+        h = self.attn_time(h, h, keys, past, record)
+        x = x + rearrange(h, "(b n) t d -> b t n d", b=b)
 
         h = rearrange(self.norm_text(x), "b t n d -> b (t n) d")
         h = self.attn_text(h, text, text_mask)
@@ -136,6 +177,23 @@ class TextContext:
     features: Tensor
     mask: Tensor
     texts: list[str]
+
+
+@dataclass
+class PrimeCache:
+    """Temporal keys and values (per block, each (B N, heads, K, d)) of K prime frames."""
+
+    kv: list[tuple[Tensor, Tensor]]
+    frames: int
+
+
+def prime_time_mask(prime: Tensor, t: int) -> Tensor:
+    """(B, T, T) bool: frame i may read frame j unless i is a prime frame and j is not
+    (`prime` (B,) long: the number of leading prime frames of each clip, 0 = none)."""
+    idx = torch.arange(t, device=prime.device)
+    query_free = idx[None, :, None] >= prime[:, None, None]  # (B, T, 1): not a prime frame
+    key_prime = idx[None, None, :] < prime[:, None, None]  # (B, 1, T): a prime frame
+    return query_free | key_prime | torch.eye(t, dtype=torch.bool, device=prime.device)
 
 
 def sample_tokens(logits: Tensor, temperature: float, generator: torch.Generator | None) -> Tensor:
@@ -260,21 +318,48 @@ class PhenakiModel(nn.Module):
             )
 
     def forward(
-        self, tokens: Tensor, context: Tensor, context_mask: Tensor, frame_mask: Tensor
+        self,
+        tokens: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        frame_mask: Tensor,
+        time_mask: Tensor | None = None,
+        cache: PrimeCache | None = None,
+        record: list[tuple[Tensor, Tensor]] | None = None,
     ) -> Tensor:
         """Hidden states (B, T, N, D) of token ids (B, T, N) (mask id allowed) given the text
-        context (B, L, D) / (B, L) and the real frames (B, T); `head` maps them to logits."""
+        context (B, L, D) / (B, L) and the real frames (B, T); `head` maps them to logits.
+
+        `time_mask` (B, T, T): which frames each frame reads (`prime_time_mask`). With `cache`
+        (K prime frames) `tokens` are the frames after them (positions K..) and `frame_mask`
+        (B, K + T) covers both; `record` collects every block's temporal keys and values."""
+        t0 = 0 if cache is None else cache.frames
         t = tokens.shape[1]
-        x = self.token_emb(tokens) + self.pos_space + self.pos_time[:t, None]  # (B, T, N, D)
-        for block in self.blocks:
-            x = block(x, frame_mask, context, context_mask)
-        return self.norm(x)
+        x = self.token_emb(tokens) + self.pos_space + self.pos_time[t0 : t0 + t, None]
+        for i, block in enumerate(self.blocks):
+            past = None if cache is None else cache.kv[i]
+            x = block(x, frame_mask, context, context_mask, time_mask, past, record)
+        return self.norm(x)  # (B, T, N, D)
 
     def all_logits(
-        self, tokens: Tensor, context: Tensor, context_mask: Tensor, frame_mask: Tensor
+        self,
+        tokens: Tensor,
+        context: Tensor,
+        context_mask: Tensor,
+        frame_mask: Tensor,
+        time_mask: Tensor | None = None,
+        cache: PrimeCache | None = None,
     ) -> Tensor:
         """Logits (B, T, N, V) of every position (arguments as in `forward`)."""
-        return self.head(self.forward(tokens, context, context_mask, frame_mask))
+        return self.head(self.forward(tokens, context, context_mask, frame_mask, time_mask, cache))
+
+    def _guidance_batch(self, text: TextContext, cond_scale: float) -> tuple[Tensor, Tensor, int]:
+        """(features, mask, copies): the text alone, or text then null context (guidance)."""
+        if cond_scale == 1.0:
+            return text.features, text.mask, 1
+        b, length = text.features.shape[:2]
+        null, null_mask = self.null_context(b, length)
+        return torch.cat([text.features, null]), torch.cat([text.mask, null_mask]), 2
 
     def guided_logits(
         self,
@@ -282,21 +367,45 @@ class PhenakiModel(nn.Module):
         text: TextContext,
         frame_mask: Tensor,
         cond_scale: float = 1.0,
+        time_mask: Tensor | None = None,
+        cache: PrimeCache | None = None,
     ) -> Tensor:
         """Classifier-free guided logits (B, T, N, V): uncond + cond_scale * (cond - uncond).
 
-        The conditional and unconditional passes run as one batch of 2B.
+        The conditional and unconditional passes run as one batch of 2B (a `cache` must hold
+        the prime frames of both: `prime_cache(..., cond_scale)`); cond_scale=1 runs the
+        conditional pass alone.
         """
-        b, length = text.features.shape[:2]
-        null, null_mask = self.null_context(b, length)
+        features, mask, copies = self._guidance_batch(text, cond_scale)
         logits = self.all_logits(
-            torch.cat([tokens, tokens]),
-            torch.cat([text.features, null]),
-            torch.cat([text.mask, null_mask]),
-            torch.cat([frame_mask, frame_mask]),
+            torch.cat([tokens] * copies),
+            features,
+            mask,
+            torch.cat([frame_mask] * copies),
+            None if time_mask is None else torch.cat([time_mask] * copies),
+            cache,
         ).float()
+        if copies == 1:
+            return logits
         cond, uncond = logits.chunk(2)
         return uncond + cond_scale * (cond - uncond)
+
+    @torch.no_grad()
+    def prime_cache(
+        self, prime: Tensor, text: TextContext, frame_mask: Tensor, cond_scale: float = 1.0
+    ) -> PrimeCache:
+        """Encode K prime frames (B, K, N) once: their temporal keys/values in every block
+        (prime frames read only each other, so the frames after them cannot change these)."""
+        features, mask, copies = self._guidance_batch(text, cond_scale)
+        record: list[tuple[Tensor, Tensor]] = []
+        self.forward(
+            torch.cat([prime] * copies),
+            features,
+            mask,
+            torch.cat([frame_mask] * copies),
+            record=record,
+        )
+        return PrimeCache(record, prime.shape[1])
 
     def logits(
         self,
@@ -356,7 +465,8 @@ class PhenakiModel(nn.Module):
             masked[:, -1, 0] = real[:, -1]  # a degenerate draw: predict one token, not none
             if not bool(masked.any()):
                 masked[0, 0, 0] = True
-        hidden = self.forward(x.masked_fill(masked, self.mask_id), features, mask, real)
+        time_mask = prime_time_mask(torch.where(primed, k, 0), t)  # prime frames read primes
+        hidden = self.forward(x.masked_fill(masked, self.mask_id), features, mask, real, time_mask)
         logits = self.head(hidden[masked]).float()  # (M, V): the head runs on masked positions
         target = x[masked]
         ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
@@ -383,12 +493,15 @@ class PhenakiModel(nn.Module):
         schedule: str = "cosine",
         generator: torch.Generator | None = None,
         confidence_noise: float = 0.0,
+        use_cache: bool = True,
     ) -> Tensor:
         """Generate a video (B, num_frames, h, w) for captions; the first K frames are
         `prime_tokens` (B, K, h, w), kept as given (video continuation).
 
         `critic`: None (confidence), "self" or a `TokenCritic` (see the module docstring).
         `confidence_noise` > 0 adds MaskGIT's annealed Gumbel noise to the re-mask scores.
+        `use_cache`: encode the prime frames once (`PrimeCache`) and run only the new frames at
+        each step; False runs the whole clip every step (same tokens).
         """
         ctx = text if isinstance(text, TextContext) else self.encode_text(text)
         b = ctx.features.shape[0]
@@ -413,16 +526,26 @@ class PhenakiModel(nn.Module):
         frame_mask = torch.ones(b, num_frames, dtype=torch.bool, device=device)
         m = (num_frames - k) * self.num_tokens
         counts = masked_counts(steps, m, schedule)
+        cache = time_mask = None
+        if k and use_cache:
+            cache = self.prime_cache(x[:, :k], ctx, frame_mask[:, :k], cond_scale)
+        elif k:
+            time_mask = prime_time_mask(torch.full((b,), k, device=device), num_frames)
+
+        def generated_logits(video: Tensor) -> Tensor:
+            """(B, M, V) logits of the generated frames' tokens of `video` (B, T, N)."""
+            if cache is not None:
+                out = self.guided_logits(video[:, k:], ctx, frame_mask, cond_scale, cache=cache)
+            else:
+                out = self.guided_logits(video, ctx, frame_mask, cond_scale, time_mask)[:, k:]
+            return out.reshape(b, m, -1)
+
         for s in range(steps):
             region = x[:, k:].reshape(b, m)  # (B, M) the generated frames' tokens
             still = region == self.mask_id
             if not bool(still.any()):
                 break
-            if cond_scale == 1.0:
-                logits = self.all_logits(x, ctx.features, ctx.mask, frame_mask).float()
-            else:
-                logits = self.guided_logits(x, ctx, frame_mask, cond_scale)
-            logits = logits[:, k:].reshape(b, m, -1)  # (B, M, V)
+            logits = generated_logits(x)  # (B, M, V)
             sampled = sample_tokens(logits, temperature, generator)
             region = torch.where(still, sampled, region)  # commit every masked token
             remask = counts[s + 1]
@@ -436,8 +559,7 @@ class PhenakiModel(nn.Module):
                     # the generator's own probability of every token given the whole video
                     full = x.clone()
                     full[:, k:] = region.view(b, num_frames - k, -1)
-                    again = self.all_logits(full, ctx.features, ctx.mask, frame_mask).float()
-                    again = again[:, k:].reshape(b, m, -1)
+                    again = generated_logits(full)
                     score = F.softmax(again, dim=-1).gather(-1, region[..., None])[..., 0]
                 else:
                     full = x.clone()
@@ -457,12 +579,14 @@ class PhenakiModel(nn.Module):
     def _context_text(
         self, tokens: Tensor, actions: Tensor | None, text: list[str] | TextContext | None
     ) -> TextContext:
+        """The text context: `text`, or the caption of all of `actions` (B, T) -- the whole clip's
+        actions, context and generated frames alike, as the training captions were rendered."""
         if isinstance(text, TextContext):
             return text
         if text is None:
-            if actions is None:
+            if actions is None or actions.shape[1] == 0:
                 raise ValueError("pass text= or actions whose captions model.games can render")
-            text = self.texts_of({"actions": actions[:, : tokens.shape[1]]})
+            text = self.texts_of({"actions": actions})
         return self.encode_text(list(text))
 
     def new_cache(

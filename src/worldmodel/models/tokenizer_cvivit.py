@@ -328,6 +328,11 @@ class CViViT(VideoTokenizer):
         )
 
     # ----------------------------------------------------------------------------- shapes
+    @property
+    def max_latent_frames(self) -> int:
+        """Latent frames a clip may have (the temporal position table's length)."""
+        return self.max_frames
+
     def _check_shape(self, T: int, H: int, W: int) -> None:
         super()._check_shape(T, H, W)
         if self.image_size != (H, W):

@@ -316,6 +316,11 @@ class VideoGPTVQVAE(nn.Module):
     def codebook_size(self) -> int:
         return self.quantizer.codebook_size
 
+    @property
+    def max_latent_frames(self) -> int:
+        """Latent frames a clip may have (max_frames counts pixel frames)."""
+        return max(1, self.max_frames // self.temporal_downsample)
+
     def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """(t, h, w) of the token grid for a clip of T frames of H x W pixels."""
         self._check_shape(T, H, W)

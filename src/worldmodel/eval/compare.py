@@ -1,0 +1,165 @@
+"""One table of every tokenizer and world model of a multi-stage run (`task=pipeline`).
+
+`python -m worldmodel.eval.compare RUN_DIR [--out README.md]` reads each stage's `eval.json` and
+checkpoint (steps, training minutes, parameters) and prints Markdown: tokenizers (PSNR, SSIM,
+codebook use, tokens per frame) and world models (next-frame PSNR against the tokenizer's own
+ceiling, ΔtPSNR at t = 4 with its standard error, rollout PSNR at horizon 8, generation speed).
+Made for `experiment=compare`, which trains every model of the project on one CoinRun split
+with one budget per kind; any pipeline run dir works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from worldmodel.eval.runner import TOKENIZERS
+from worldmodel.train import checkpoint as ckpt
+
+ROLLOUT_HORIZON = 8  # rollout PSNR is reported at this many generated pixel frames
+
+
+@dataclass
+class Stage:
+    """One trained stage of a pipeline run: its eval.json and what its checkpoint records."""
+
+    name: str
+    result: dict[str, Any]
+    params: int
+    steps: int
+    minutes: float
+    config: dict[str, Any]
+
+    @property
+    def model(self) -> str:
+        return str(self.result["model"])
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.result["metrics"]
+
+
+def load_stage(folder: Path) -> Stage:
+    """The stage in `folder` (eval.json and checkpoints/last.pt)."""
+    result = json.loads((folder / "eval.json").read_text())
+    state = ckpt.load(folder / "checkpoints" / "last.pt")
+    params = sum(int(v.numel()) for v in state["model"].values() if v.is_floating_point())
+    return Stage(
+        folder.name,
+        result,
+        params,
+        int(state.get("step", 0)),
+        float(state.get("elapsed_s", 0.0)) / 60,
+        state.get("config") or {},
+    )
+
+
+def load_stages(run_dir: Path) -> list[Stage]:
+    """Every evaluated stage of a pipeline run, in the order they ran (stages.json when present)."""
+    order_file = run_dir / "stages.json"
+    names = list(json.loads(order_file.read_text())) if order_file.exists() else []
+    found = sorted(p.parent.name for p in run_dir.glob("*/eval.json"))
+    names = [n for n in names if n in found] + [n for n in found if n not in names]
+    if not names:
+        raise FileNotFoundError(
+            f"{run_dir} has no <stage>/eval.json: not an evaluated pipeline run"
+        )
+    return [load_stage(run_dir / n) for n in names]
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}f}"
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M"
+
+
+def _tokenizer_of(stage: Stage, by_path: dict[str, str]) -> str:
+    pipeline = (stage.config.get("model") or {}).get("pipeline") or {}
+    path = str(pipeline.get("tokenizer_checkpoint") or "")
+    return by_path.get(str(Path(path).resolve()), Path(path).parent.parent.name or "–")
+
+
+def tokenizer_table(stages: list[Stage]) -> list[str]:
+    rows = [
+        "| stage | model | params | steps | minutes | PSNR (dB) | SSIM | codes used | "
+        "perplexity | tokens / latent frame | tokens / frame |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stages:
+        m = s.metrics
+        rows.append(
+            f"| {s.name} | {s.model} | {_millions(s.params)} | {s.steps:,} | {s.minutes:.1f} | "
+            f"{_fmt(m.get('psnr'))} | {_fmt(m.get('ssim'), 3)} | "
+            f"{_fmt(100 * m.get('codebook/usage', 0), 1)}% | "
+            f"{_fmt(m.get('codebook/perplexity'), 0)} | "
+            f"{_fmt(m.get('tokens_per_frame'), 0)} | {_fmt(m.get('tokens_per_pixel_frame'), 1)} |"
+        )
+    return rows
+
+
+def rollout_at(metrics: dict[str, Any], horizon: int = ROLLOUT_HORIZON) -> float | None:
+    curve = metrics.get("rollout_psnr") or []
+    return curve[horizon - 1] if len(curve) >= horizon else None
+
+
+def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
+    rows = [
+        "| stage | model | tokenizer | params | steps | minutes | next-frame PSNR (dB) | "
+        "tokenizer ceiling (dB) | ΔtPSNR t=4 (dB) | rollout PSNR h=8 (dB) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in stages:
+        m = s.metrics
+        delta = m.get("delta_psnr")
+        delta_s = (
+            f"{delta:+.2f} ± {m.get('delta_psnr_stderr', 0):.2f}" if delta is not None else "–"
+        )
+        rows.append(
+            f"| {s.name} | {s.model} | {_tokenizer_of(s, by_path)} | {_millions(s.params)} | "
+            f"{s.steps:,} | {s.minutes:.1f} | {_fmt(m.get('psnr'))} | "
+            f"{_fmt(m.get('tokenizer_psnr'))} | {delta_s} | {_fmt(rollout_at(m))} | "
+            f"{_fmt(m.get('gen_fps'), 1)} |"
+        )
+    return rows
+
+
+def render(run_dir: Path) -> str:
+    """The Markdown tables of a pipeline run."""
+    stages = load_stages(run_dir)
+    tokenizers = [s for s in stages if s.model in TOKENIZERS]
+    worlds = [s for s in stages if "rollout_psnr" in s.metrics]
+    by_path = {
+        str((run_dir / s.name / "checkpoints" / "last.pt").resolve()): s.name for s in stages
+    }
+    clips = {s.result.get("num_clips") for s in stages}
+    out = [f"Held-out clips per evaluation: {', '.join(str(c) for c in sorted(clips))}.", ""]
+    if tokenizers:
+        out += ["**Tokenizers**", "", *tokenizer_table(tokenizers), ""]
+    if worlds:
+        out += ["**World models**", "", *world_table(worlds, by_path), ""]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run_dir", type=Path, help="a task=pipeline run dir (experiment=compare)")
+    parser.add_argument("--out", type=Path, default=None, help="write the Markdown here")
+    args = parser.parse_args(argv)
+    text = render(args.run_dir)
+    if args.out is None:
+        print(text)
+    else:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
