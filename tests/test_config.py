@@ -36,6 +36,30 @@ def test_every_experiment_composes_and_validates(experiment):
     )
 
 
+PIPELINES = [
+    e for e in options("experiment") if "stages:" in (CONF / "experiment" / f"{e}.yaml").read_text()
+]
+
+
+@pytest.mark.parametrize("experiment", PIPELINES)
+def test_every_stage_of_a_pipeline_recipe_composes_and_validates(experiment, tmp_path):
+    """Each stage of a multi-stage recipe (task=pipeline) is a config of its own: composed from
+    `common` and its overrides (earlier stages' checkpoints as paths), it must validate."""
+    cfg = compose_config([f"experiment={experiment}"])
+    assert cfg.task == "pipeline" and cfg.stages
+    for name, spec in cfg.stages.items():
+        overrides = [str(o) for o in spec.overrides]
+        for prev in cfg.stages:
+            overrides = [o.replace(f"=@{prev}", f"={tmp_path / prev}.pt") for o in overrides]
+        assert not any("=@" in o for o in overrides), (
+            name,
+            overrides,
+        )  # names no stage of the recipe
+        stage = compose_config([*cfg.get("common", []), *overrides])
+        validate(stage)
+        assert stage.task == "train", name
+
+
 def test_defaults_are_the_design():
     cfg = compose_config()
     assert cfg.task == "train"

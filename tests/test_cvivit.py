@@ -315,6 +315,22 @@ def test_world_model_over_clip_wise_tokens_is_scored_in_pixel_frames(smoke_run, 
     assert 10 < m["tokenizer_psnr"] < 60 and 5 < m["psnr"] < 60
     assert m["gen_fps"] > 0 and 0 <= m["token_acc"] <= 1
 
+    # the comparison table reads both stages as a pipeline run dir would hold them
+    from worldmodel.eval.compare import render
+
+    pipeline = tmp_path / "pipeline"
+    pipeline.mkdir()
+    (pipeline / "cvivit").symlink_to(smoke_run)
+    (pipeline / "phenaki").symlink_to(run_dir)
+    table = render(pipeline)
+    tok = json.loads((smoke_run / "eval.json").read_text())["metrics"]
+    rows = {line.split(" | ")[0]: line for line in table.splitlines() if line.startswith("| ")}
+    assert f"| {tok['psnr']:.2f} |" in rows["| cvivit"]
+    assert f"| {tok['tokens_per_pixel_frame']:.1f} |" in rows["| cvivit"]  # 3 x 64 / 5 = 38.4
+    assert "| phenaki | cvivit |" in rows["| phenaki"]  # its tokenizer, found by checkpoint
+    assert f"{m['delta_psnr']:+.2f} ± {m['delta_psnr_stderr']:.2f}" in rows["| phenaki"]
+    assert f"| {m['gen_fps']:.1f} |" in rows["| phenaki"]
+
 
 def test_decode_clip_slides_past_the_tokenizer_window() -> None:
     """A token clip longer than the tokenizer's max_latent_frames is decoded through a sliding

@@ -90,7 +90,7 @@ def _tokenizer_of(stage: Stage, by_path: dict[str, str]) -> str:
 
 def tokenizer_table(stages: list[Stage]) -> list[str]:
     rows = [
-        "| stage | model | params | steps | minutes | PSNR (dB) | SSIM | codes used | "
+        "| stage | model | weights | steps | minutes | PSNR (dB) | SSIM | codes used | "
         "perplexity | tokens / latent frame | tokens / frame |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -113,7 +113,7 @@ def rollout_at(metrics: dict[str, Any], horizon: int = ROLLOUT_HORIZON) -> float
 
 def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
     rows = [
-        "| stage | model | tokenizer | params | steps | minutes | next-frame PSNR (dB) | "
+        "| stage | model | tokenizer | weights | steps | minutes | next-frame PSNR (dB) | "
         "tokenizer ceiling (dB) | ΔtPSNR t=4 (dB) | rollout PSNR h=8 (dB) | frames/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
