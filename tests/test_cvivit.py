@@ -316,7 +316,7 @@ def test_world_model_over_clip_wise_tokens_is_scored_in_pixel_frames(smoke_run, 
     assert m["gen_fps"] > 0 and 0 <= m["token_acc"] <= 1
 
     # the comparison table reads both stages as a pipeline run dir would hold them
-    from worldmodel.eval.compare import render
+    from worldmodel.eval.compare import plot, render
 
     pipeline = tmp_path / "pipeline"
     pipeline.mkdir()
@@ -330,6 +330,8 @@ def test_world_model_over_clip_wise_tokens_is_scored_in_pixel_frames(smoke_run, 
     assert "| phenaki | cvivit |" in rows["| phenaki"]  # its tokenizer, found by checkpoint
     assert f"{m['delta_psnr']:+.2f} ± {m['delta_psnr_stderr']:.2f}" in rows["| phenaki"]
     assert f"| {m['gen_fps']:.1f} |" in rows["| phenaki"]
+    for picture in plot(pipeline, tmp_path / "plots"):  # rollout PSNR and ΔtPSNR curves
+        assert picture.stat().st_size > 1000
 
 
 def test_decode_clip_slides_past_the_tokenizer_window() -> None:

@@ -149,12 +149,51 @@ def render(run_dir: Path) -> str:
     return "\n".join(out)
 
 
+def plot(run_dir: Path, out_dir: Path) -> list[Path]:
+    """Rollout PSNR and ΔtPSNR against the horizon (pixel frames) of every world model, one
+    picture each (`rollout_psnr.png`, `delta_psnr.png` in `out_dir`)."""
+    from worldmodel.media import plot_curve
+
+    worlds = [s for s in load_stages(run_dir) if "rollout_psnr" in s.metrics]
+    if not worlds:
+        return []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    horizon = max(len(s.metrics["rollout_psnr"]) for s in worlds)
+    xs = list(range(1, horizon + 1))
+
+    def padded(values: list[float]) -> list[float]:
+        return list(values) + [float("nan")] * (horizon - len(values))
+
+    label = {s.name: f"{s.name} ({s.steps} steps)" for s in worlds}
+    return [
+        plot_curve(
+            xs,
+            {label[s.name]: padded(s.metrics["rollout_psnr"]) for s in worlds},
+            out_dir / "rollout_psnr.png",
+            title="rollout PSNR after 1 real frame (recorded actions)",
+        ),
+        plot_curve(
+            xs,
+            {label[s.name]: padded(s.metrics["delta_psnr_curve"]) for s in worlds},
+            out_dir / "delta_psnr.png",
+            ylabel="ΔtPSNR (dB)",
+            title="recorded minus random actions (± stderr)",
+            yerr={label[s.name]: padded(s.metrics["delta_psnr_curve_stderr"]) for s in worlds},
+        ),
+    ]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("run_dir", type=Path, help="a task=pipeline run dir (experiment=compare)")
     parser.add_argument("--out", type=Path, default=None, help="write the Markdown here")
+    parser.add_argument(
+        "--plots", type=Path, default=None, help="write the world models' curves here"
+    )
     args = parser.parse_args(argv)
     text = render(args.run_dir)
+    if args.plots is not None:
+        plot(args.run_dir, args.plots)
     if args.out is None:
         print(text)
     else:
