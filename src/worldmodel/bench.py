@@ -283,7 +283,8 @@ PEER_CVIVIT = [
     "model.spatial_depth=4",
     "model.temporal_depth=4",
     "model.max_frames=9",
-    "model.quantizer={kind: lfq, codebook_size: 1024}",
+    "~model.quantizer",
+    "+model.quantizer={kind: lfq, codebook_size: 1024}",
 ]
 PEER_PHENAKI = [
     "model=phenaki",

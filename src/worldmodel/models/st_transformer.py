@@ -213,10 +213,14 @@ class STBlock(nn.Module):
         grid: tuple[int, int] | None = None,
         rel_pos_bias: bool = False,
         local_conv: bool = False,
+        space: bool = True,
+        time: bool = True,
     ) -> None:
         super().__init__()
         if (rel_pos_bias or local_conv) and grid is None:
             raise ValueError("rel_pos_bias and local_conv need the token grid (h, w)")
+        # `space` / `time` False leave that attention out: over a single token (or a single
+        # frame) attention is only a linear map, a third of a block's cost for nothing
         self.causal = causal
         self.grid = grid
         self.rel_bias = RelativePositionBias(grid, heads) if rel_pos_bias else None
@@ -224,10 +228,10 @@ class STBlock(nn.Module):
         # channel mixes the 8 neighbours with its own weights, so "what is left of me" is
         # available from the first step instead of being learned through attention
         self.local_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim) if local_conv else None
-        self.norm_space = nn.LayerNorm(dim)
-        self.attn_space = Attention(dim, heads, qkv_bias, attn_dropout, dropout)
-        self.norm_time = nn.LayerNorm(dim)
-        self.attn_time = Attention(dim, heads, qkv_bias, attn_dropout, dropout)
+        self.norm_space = nn.LayerNorm(dim) if space else None
+        self.attn_space = Attention(dim, heads, qkv_bias, attn_dropout, dropout) if space else None
+        self.norm_time = nn.LayerNorm(dim) if time else None
+        self.attn_time = Attention(dim, heads, qkv_bias, attn_dropout, dropout) if time else None
         self.norm_mlp = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU, drop=dropout)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -264,13 +268,15 @@ class STBlock(nn.Module):
             gh, gw = self.grid
             h = rearrange(x, "b t (gh gw) d -> (b t) d gh gw", gh=gh, gw=gw)
             x = x + rearrange(self.local_conv(h), "(b t) d gh gw -> b t (gh gw) d", b=b)
-        h = rearrange(norm(self.norm_space, x, 0), "b t n d -> (b t) n d")
-        h = self.attn_space(h, bias=None if self.rel_bias is None else self.rel_bias())
-        x = x + self.drop_path(rearrange(h, "(b t) n d -> b t n d", b=b))
+        if self.attn_space is not None and self.norm_space is not None:
+            h = rearrange(norm(self.norm_space, x, 0), "b t n d -> (b t) n d")
+            h = self.attn_space(h, bias=None if self.rel_bias is None else self.rel_bias())
+            x = x + self.drop_path(rearrange(h, "(b t) n d -> b t n d", b=b))
 
-        h = rearrange(norm(self.norm_time, x, 1), "b t n d -> (b n) t d")
-        h = self.attn_time(h, causal=self.causal, cache=cache, layer=layer)
-        x = x + self.drop_path(rearrange(h, "(b n) t d -> b t n d", b=b))
+        if self.attn_time is not None and self.norm_time is not None:
+            h = rearrange(norm(self.norm_time, x, 1), "b t n d -> (b n) t d")
+            h = self.attn_time(h, causal=self.causal, cache=cache, layer=layer)
+            x = x + self.drop_path(rearrange(h, "(b n) t d -> b t n d", b=b))
 
         x = x + self.drop_path(self.mlp(norm(self.norm_mlp, x, 2)))
         return x
@@ -336,6 +342,8 @@ class STTransformer(nn.Module):
                 grid=grid,
                 rel_pos_bias=rel_pos_bias,
                 local_conv=local_conv,
+                space=num_tokens > 1,  # one token per frame: no spatial attention
+                time=max_frames > 1,  # one frame: no temporal attention
             )
             for rate in rates
         )
