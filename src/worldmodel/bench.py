@@ -102,21 +102,7 @@ def case_tokenizer(kind: str, overrides: list[str], warmup: int, iters: int) -> 
             model.tokenize(video)
 
     fn = encode if "encode" in kind else train_step
-    flops = _flops(fn)
-    times = _timed(fn, warmup, iters)
-    med = statistics.median(times)
-    frames = video.shape[0] * video.shape[2]
-    return {
-        "ms": med * 1e3,
-        "ms_min": min(times) * 1e3,
-        "ms_max": max(times) * 1e3,
-        "frames_per_s": frames / med,
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflop": flops / 1e9,
-        "gflop_per_s": flops / 1e9 / med,
-        "shape": list(video.shape),
-        "precision": "bf16" if bf16 else "fp32",
-    }
+    return _video_case(model, video, fn, bf16, warmup, iters)
 
 
 def case_loader(overrides: list[str], warmup: int, iters: int) -> dict:
@@ -145,6 +131,29 @@ def case_loader(overrides: list[str], warmup: int, iters: int) -> dict:
 def _summary(times: list[float]) -> dict:
     med = statistics.median(times)
     return {"ms": med * 1e3, "ms_min": min(times) * 1e3, "ms_max": max(times) * 1e3}
+
+
+def _video_case(
+    model: torch.nn.Module,
+    video: torch.Tensor,
+    fn: Callable[[], object],
+    bf16: bool,
+    warmup: int,
+    iters: int,
+) -> dict:
+    """Time `fn` (a step over the clips `video` (B, C, T, H, W)): ms, frames/s, size, GFLOP."""
+    flops = _flops(fn)
+    times = _timed(fn, warmup, iters)
+    med = statistics.median(times)
+    return {
+        **_summary(times),
+        "frames_per_s": video.shape[0] * video.shape[2] / med,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "gflop": flops / 1e9,
+        "gflop_per_s": flops / 1e9 / med,
+        "shape": list(video.shape),
+        "precision": "bf16" if bf16 else "fp32",
+    }
 
 
 # The peers' published sizes: open-genie's DynamicsModel (4 space-time layers, d=256, 16 frames of
@@ -177,18 +186,7 @@ def case_lam(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     video = _video()  # (2, 3, 16, 64, 64): open-genie's LAM case
     batch = {"video": video, "mask": torch.ones(2, 16, dtype=torch.bool)}
     bf16 = kind.endswith("bf16")
-    train_step = _train_step(model, batch, bf16)
-
-    flops = _flops(train_step)
-    times = _timed(train_step, warmup, iters)
-    return {
-        **_summary(times),
-        "frames_per_s": video.shape[0] * video.shape[2] / statistics.median(times),
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflop": flops / 1e9,
-        "shape": list(video.shape),
-        "precision": "bf16" if bf16 else "fp32",
-    }
+    return _video_case(model, video, _train_step(model, batch, bf16), bf16, warmup, iters)
 
 
 def case_dynamics(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
@@ -316,16 +314,7 @@ def case_cvivit(kind: str, overrides: list[str], warmup: int, iters: int) -> dic
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 model.tokenize(video)
 
-    flops = _flops(fn)
-    times = _timed(fn, warmup, iters)
-    return {
-        **_summary(times),
-        "frames_per_s": video.shape[0] * video.shape[2] / statistics.median(times),
-        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "gflop": flops / 1e9,
-        "shape": list(video.shape),
-        "precision": "bf16" if bf16 else "fp32",
-    }
+    return _video_case(model, video, fn, bf16, warmup, iters)
 
 
 def case_phenaki(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
