@@ -232,10 +232,15 @@ class LatentClipDataset(TokenClipDataset):
         }
 
 
+def frames_per_latent(tokenizer: nn.Module) -> int:
+    """Pixel frames per latent frame of a tokenizer: its `temporal_downsample`, else 1."""
+    return int(getattr(tokenizer, "temporal_downsample", 1))
+
+
 def compresses_time(tokenizer: nn.Module) -> bool:
     """A tokenizer whose latent frames each cover several pixel frames (`temporal_downsample` >
     1, e.g. C-ViViT or VideoGPT's VQ-VAE): the pipeline then tokenizes whole clips."""
-    return int(getattr(tokenizer, "temporal_downsample", 1)) > 1
+    return frames_per_latent(tokenizer) > 1
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.eval import metrics as M
+from worldmodel.pipeline import frames_per_latent
 from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ def _reconstruct(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, t
     it) reconstructs each frame alone."""
     b, t = video.shape[0], video.shape[2]
     limit = getattr(model, "max_latent_frames", None)
-    if int(getattr(model, "temporal_downsample", 1)) == 1 and limit is not None and t > limit:
+    if frames_per_latent(model) == 1 and limit is not None and t > limit:
         recon, indices = model.reconstruct(rearrange(video, "b c t h w -> (b t) c 1 h w"))
         return (
             rearrange(recon, "(b t) c 1 h w -> b c t h w", b=b),

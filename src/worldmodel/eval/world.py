@@ -43,7 +43,7 @@ from worldmodel.config import instantiate
 from worldmodel.eval import metrics as M
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
-from worldmodel.pipeline import action_source, load_frozen, token_datasets
+from worldmodel.pipeline import action_source, frames_per_latent, load_frozen, token_datasets
 from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def decode_clip(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Tens
     clip, and a clip longer than the tokenizer's `max_latent_frames` through a sliding window that
     keeps the k pixel frames of its newest latent frame (the window's first latent frame is then
     read as a clip's first frame: an approximation for its context only)."""
-    k = int(getattr(tokenizer, "temporal_downsample", 1))
+    k = frames_per_latent(tokenizer)
     if k == 1:
         return decode_tokens(tokenizer, tokens, bf16)
     window = int(getattr(tokenizer, "max_latent_frames", None) or tokens.shape[1])
@@ -185,7 +185,7 @@ class FrameLayout:
 
     @classmethod
     def of(cls, tokenizer: nn.Module, pixels: int, latents: int) -> FrameLayout:
-        k = int(getattr(tokenizer, "temporal_downsample", 1))
+        k = frames_per_latent(tokenizer)
         if k == 1 and pixels != latents or pixels < latents or pixels > k * latents:
             raise ValueError(
                 f"{latents} latent frames cannot cover {pixels} pixel frames with a tokenizer of "
@@ -208,7 +208,7 @@ def decode_after(parts: WorldParts, context: Tensor, new: Tensor, bf16: bool = T
     latent frames `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone (`decode_frames`);
     tokens of a tokenizer that compresses time are decoded with their context as one clip (its
     decoder reads across latent frames) and the new frames' k * t pixel frames are kept."""
-    k = int(getattr(parts.tokenizer, "temporal_downsample", 1))
+    k = frames_per_latent(parts.tokenizer)
     if k == 1:
         return decode_frames(parts, new, bf16)
     video = decode_clip(parts.tokenizer, torch.cat([context, new], dim=1), bf16)  # (B, C, T, H, W)
@@ -514,7 +514,7 @@ def generation_speed(
             frame = model.generate_next(tokens, actions[:, :t], cache=cache, **sampling.kwargs())
             tokens = torch.cat([tokens, frame[:, None]], dim=1)
         elapsed = time.perf_counter() - start
-    return frames * int(getattr(parts.tokenizer, "temporal_downsample", 1)) / elapsed
+    return frames * frames_per_latent(parts.tokenizer) / elapsed
 
 
 def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
@@ -542,7 +542,7 @@ def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
 
 def latent_frames(parts: WorldParts, pixels: Any) -> int:
     """Latent frames of the token clips of `pixels`' clips (= their frames for per-frame tokens)."""
-    if int(getattr(parts.tokenizer, "temporal_downsample", 1)) == 1:
+    if frames_per_latent(parts.tokenizer) == 1:
         return int(pixels.clip_length)
     return int(parts.tokenizer.latent_shape(pixels.clip_length, *pixels.resolution)[0])
 
