@@ -51,6 +51,17 @@ def instantiate(node: DictConfig, **overrides: Any) -> Any:
     return cls(**kwargs)
 
 
+def optim_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The optimizer settings of a run: lr, weight_decay, betas, warmup_steps (the one reader)."""
+    m, tr = cfg.model, cfg.trainer
+    return {
+        "lr": float(m.lr),
+        "weight_decay": float(m.get("weight_decay", 0.0)),
+        "betas": tuple(float(b) for b in m.get("betas", (0.9, 0.99))),
+        "warmup_steps": int(m.get("warmup_steps", tr.warmup_steps)),
+    }
+
+
 def _check_signature(node: DictConfig, group: str, errors: list[str]) -> None:
     """Unknown keys in a `_target_` node are named before anything is built."""
     if node is None or "_target_" not in node:

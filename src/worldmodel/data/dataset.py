@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from worldmodel.data.shards import MANIFEST
 
@@ -134,3 +134,10 @@ class ClipDataset(Dataset):
             f"{self.num_frames} frames, {self.resolution[0]}x{self.resolution[1]}, "
             f"num_actions={self.num_actions})"
         )
+
+
+def val_subset(val_ds: Any, n: int) -> Subset:
+    """A fixed, evenly spread subset of the validation clips, the same at every evaluation."""
+    n = min(n, len(val_ds))
+    idx = torch.linspace(0, len(val_ds) - 1, n).long().unique().tolist()
+    return Subset(val_ds, idx)

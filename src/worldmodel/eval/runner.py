@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from worldmodel.build import load_model
 from worldmodel.config import instantiate
+from worldmodel.data.dataset import val_subset
 from worldmodel.eval import metrics as M
 from worldmodel.pipeline import frames_per_latent
-from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1

@@ -38,11 +38,11 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from worldmodel.config import instantiate
+from worldmodel.data.dataset import val_subset
 from worldmodel.data.procgen import PROCGEN_NUM_ACTIONS
 from worldmodel.eval.world import autocast, decode_clip, load_world, seeded
 from worldmodel.media import save_gif, save_mp4, side_by_side
 from worldmodel.pipeline import token_datasets
-from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
 

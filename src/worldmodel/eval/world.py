@@ -40,11 +40,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from worldmodel.config import instantiate
+from worldmodel.data.dataset import val_subset
 from worldmodel.eval import metrics as M
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
 from worldmodel.pipeline import action_source, frames_per_latent, load_frozen, token_datasets
-from worldmodel.train.loop import val_subset
 
 log = logging.getLogger(__name__)
 

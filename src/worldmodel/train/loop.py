@@ -20,10 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from worldmodel.build import build_datasets, build_model
+from worldmodel.config import optim_settings
+from worldmodel.data.dataset import val_subset
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train import dist
 from worldmodel.train.logging import MetricsLogger, setup_logging
@@ -84,12 +86,12 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device, run_dir: Pa
     disc = getattr(model, "discriminator", None)
     disc_ids = {id(p) for p in disc.parameters()} if disc is not None else set()
     gen_params = [(n, p) for n, p in model.named_parameters() if id(p) not in disc_ids]
-    betas = tuple(mcfg.get("betas", (0.9, 0.99)))
-    opt = adamw(gen_params, float(mcfg.lr), float(mcfg.get("weight_decay", 0.0)), betas)
+    hp = optim_settings(cfg)
+    opt = adamw(gen_params, hp["lr"], hp["weight_decay"], hp["betas"])
     disc_opt = (
-        adamw(disc.named_parameters(), float(mcfg.lr), 0.0, betas) if disc is not None else None
+        adamw(disc.named_parameters(), hp["lr"], 0.0, hp["betas"]) if disc is not None else None
     )
-    warmup = int(mcfg.get("warmup_steps", tr.warmup_steps))
+    warmup = hp["warmup_steps"]
     clock = {"start": time.monotonic(), "before": 0.0}  # wall time of this run, across resumes
 
     def elapsed_s() -> float:
@@ -336,13 +338,6 @@ def _average_grads(module: nn.Module) -> None:
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad)
             p.grad /= world
-
-
-def val_subset(val_ds: Any, n: int) -> Subset:
-    """A fixed, evenly spread subset of the validation clips, the same at every evaluation."""
-    n = min(n, len(val_ds))
-    idx = torch.linspace(0, len(val_ds) - 1, n).long().unique().tolist()
-    return Subset(val_ds, idx)
 
 
 @torch.no_grad()

@@ -1,0 +1,62 @@
+"""Where and how tensors run: the device of a run, autocast that follows it, torch threads.
+
+Every path (training, evaluation, play, token caches, bench) takes its device from here, so a GPU
+machine runs all of them on the GPU, and autocast is always opened for the device type of the
+tensors it covers (never a hard-coded "cpu").
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or None/`auto` (the GPU when one is visible, else the CPU).
+
+    Asking for CUDA on a machine without one is an error naming the problem, never a silent
+    fall-back to the CPU.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(str(name))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} was asked for but no CUDA device is visible")
+    return device
+
+
+def autocast(device: torch.device | str, enabled: bool = True) -> Any:
+    """bf16 autocast for `device`'s type (weights stay fp32), or nothing when not enabled."""
+    device_type = torch.device(device).type
+    if not enabled:
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def choose_threads(requested: int | None = None, processes: int = 1) -> int:
+    """Torch intra-op threads for one process: `requested` when set, else the process's share
+    of the CPUs it may use (so 2 DDP ranks on 2 cores get 1 thread each instead of fighting)."""
+    if requested:
+        return int(requested)
+    return max(1, available_cpus() // max(1, processes))
+
+
+def set_threads(requested: int | None = None, processes: int = 1) -> int:
+    """Apply `choose_threads` to torch; returns the number set."""
+    n = choose_threads(requested, processes)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

@@ -1,0 +1,33 @@
+"""Dispatch of `task=train|eval|play|pipeline` to the code that does it (the top layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from omegaconf import DictConfig
+
+from worldmodel.eval.runner import evaluate
+from worldmodel.play import play
+from worldmodel.tasks.pipeline import run_stages
+from worldmodel.tasks.train import train_task
+
+
+def _eval(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+def _pipeline(cfg: DictConfig) -> None:
+    run_stages(cfg)
+
+
+TASKS: dict[str, Callable[[DictConfig], float | None]] = {
+    "train": train_task,
+    "eval": _eval,
+    "play": play,
+    "pipeline": _pipeline,
+}
+
+
+def run_task(cfg: DictConfig) -> float | None:
+    """Run the task the config names; training returns the last validation loss (for sweeps)."""
+    return TASKS[str(cfg.task)](cfg)
