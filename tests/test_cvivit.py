@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import compose_config
 
-from worldmodel.build import build_datasets, load_model
+from worldmodel.build import load_model
 from worldmodel.config import ConfigError, validate
 from worldmodel.data.dataset import ClipDataset
+from worldmodel.data.tokens import ClipwiseTokenDataset
 from worldmodel.models.tokenizer_cvivit import CViViT
-from worldmodel.pipeline import ClipwiseTokenDataset, PipelineError
+from worldmodel.pipeline import PipelineError, build_datasets
 from worldmodel.tasks import run_task
 from worldmodel.train.logging import read_metrics
 
@@ -337,7 +338,7 @@ def test_world_model_over_clip_wise_tokens_is_scored_in_pixel_frames(smoke_run, 
 def test_decode_clip_slides_past_the_tokenizer_window() -> None:
     """A token clip longer than the tokenizer's max_latent_frames is decoded through a sliding
     window: the first window as one clip, then the 2 pixel frames of each newer latent frame."""
-    from worldmodel.eval.world import decode_clip
+    from worldmodel.world import decode_clip
 
     model = tiny(max_frames=3)
     tokens = torch.randint(0, 1000, (1, 5, 4, 4))

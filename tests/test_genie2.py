@@ -14,11 +14,10 @@ from conftest import compose_config
 from omegaconf import OmegaConf
 from PIL import Image
 
-from worldmodel.build import build_datasets
 from worldmodel.config import instantiate, validate
 from worldmodel.eval.runner import evaluate
 from worldmodel.models.genie2 import Genie2WorldModel, gumbel_sample, min_p_filter
-from worldmodel.pipeline import PipelineError
+from worldmodel.pipeline import PipelineError, build_datasets
 from worldmodel.play import play
 from worldmodel.play.typed import genie2_world, parse_actions, run_typed
 from worldmodel.train.checkpoint import atomic_save

@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from test_world_eval import DATA, build_world
 
-from worldmodel.build import load_model
-from worldmodel.eval.world import load_world, pixel_val, token_val
-from worldmodel.play import PlaySession, play, render_ansi, run_interactive
+from worldmodel.eval.world import pixel_val, token_val
+from worldmodel.play import play, render_ansi, run_interactive
 from worldmodel.play.terminal import KeyReader, parse_keys
+from worldmodel.world import World
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +37,11 @@ def world(tmp_path_factory):
     torch.set_num_threads(threads)
 
 
-def _session(world, **kwargs) -> PlaySession:
-    model, _, state = load_model(world.dynamics_true)
-    parts = load_world(model, state)
-    prompt = torch.randint(0, model.vocab_size, tuple(model.grid), generator=torch.Generator())
-    return PlaySession(parts, prompt, **kwargs)
+def _session(world, steps: int = 4) -> World:
+    session = World.load(world.dynamics_true)
+    session.configure(steps=steps)
+    session.reset(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    return session
 
 
 def _mp4_frames(path: Path) -> int:
@@ -118,14 +118,15 @@ def test_session_steps_resets_and_replays(world):
     first = [session.step(a) for a in (1, 2, 3)]
     assert all(f.shape == (64, 64, 3) and f.dtype == np.uint8 for f in first)
     assert session.actions_taken == [1, 2, 3] and len(session.frames) == 4
+    prompt_frame = session.frames[0]
     prompt = session.reset()
-    assert np.array_equal(prompt, session.prompt_frame) and len(session.frames) == 1
+    assert np.array_equal(prompt, prompt_frame) and len(session.frames) == 1
     again = [session.step(a) for a in (1, 2, 3)]  # the same random stream after a reset
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     # far past the 8-frame window: the context is cut to its recent half and play goes on
     for i in range(20):
         session.step(i % 15)
-    assert session.tokens.shape[1] <= session.model.max_frames
+    assert session.state.tokens.shape[1] <= session.dynamics.max_frames
     assert session.frames_per_second() > 0
     with pytest.raises(ValueError, match=r"action 15 is outside \[0, 15\)"):
         session.step(15)
@@ -240,11 +241,10 @@ def test_play_maps_true_actions_through_the_lams_codes(world, tmp_path):
     assert result["action_source"] == "latent"
     assert result["actions"] == [mapping["1"], mapping["7"], mapping["7"]]
     # the same mapping computed by hand from the recorded and the cached latent actions
-    model, _, state = load_model(world.dynamics_latent)
-    parts = load_world(model, state)
+    parts = World.load(world.dynamics_latent)
     pixels = pixel_val(cfg.data)
     true = np.load(pixels.actions_path)
-    latent = np.load(token_val(parts, cfg.data, pixels).actions_path)
+    latent = np.load(token_val(parts, pixels).actions_path)
     for action in (1, 7):
         codes = latent[(true == action) & (latent >= 0)]
         assert mapping[str(action)] == np.bincount(codes, minlength=4).argmax()

@@ -24,6 +24,7 @@ from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.eval import world as W
 from worldmodel.train.checkpoint import atomic_save
+from worldmodel.world import FrameLayout, World
 
 DATA = [
     "data.train_frames=300",
@@ -126,8 +127,7 @@ def _finite(value) -> bool:
 def test_evaluate_dynamics_reports_every_metric_and_media(world, tmp_path):
     torch.manual_seed(0)
     cfg = world.config(world.dynamics_true, "eval.batches=2", "eval.batch_size=4", run_dir=tmp_path)
-    model, _, state = load_model(cfg.checkpoint)
-    metrics, media, n = W.evaluate_dynamics(model, cfg, tmp_path, state)
+    metrics, media, n = W.evaluate_dynamics(World.load(cfg.checkpoint), cfg, tmp_path)
 
     assert n == 8
     horizon = 8  # eval.horizon default; the 10-frame clips hold 1 context + 8 frames
@@ -178,9 +178,9 @@ def test_evaluate_dynamics_is_deterministic_and_clamps_the_horizon(world, tmp_pa
     results = []
     for i in range(2):
         cfg = world.config(world.dynamics_true, *overrides, run_dir=tmp_path / str(i))
-        model, _, state = load_model(cfg.checkpoint)
+        world_ = World.load(cfg.checkpoint)
         torch.manual_seed(i)  # the global RNG must not matter
-        metrics, _, _ = W.evaluate_dynamics(model, cfg, tmp_path / str(i), state)
+        metrics, _, _ = W.evaluate_dynamics(world_, cfg, tmp_path / str(i))
         metrics.pop("gen_fps")
         results.append(metrics)
     assert results[0] == results[1]
@@ -191,8 +191,8 @@ def test_evaluate_dynamics_is_deterministic_and_clamps_the_horizon(world, tmp_pa
 def test_evaluate_lam_reports_codes_and_agreement_with_true_actions(world, tmp_path):
     torch.manual_seed(0)
     cfg = world.config(world.lam, "eval.batches=2", "eval.batch_size=4", run_dir=tmp_path)
-    model, _, state = load_model(cfg.checkpoint)
-    metrics, media, n = W.evaluate_lam(model, cfg, tmp_path, state)
+    model, _, _ = load_model(cfg.checkpoint)
+    metrics, media, n = W.evaluate_lam(model, cfg, tmp_path)
 
     assert n == 8
     for key in ("psnr", "ssim", "random_action_psnr", "copy_last_psnr", "delta_psnr"):
@@ -236,14 +236,13 @@ def test_evaluate_dynamics_on_latent_actions(world, tmp_path):
     cfg = world.config(
         world.dynamics_latent, "eval.batches=1", "eval.batch_size=2", run_dir=tmp_path
     )
-    model, _, state = load_model(cfg.checkpoint)
-    metrics, _, n = W.evaluate_dynamics(model, cfg, tmp_path, state)
+    parts = World.load(cfg.checkpoint)
+    metrics, _, n = W.evaluate_dynamics(parts, cfg, tmp_path)
     assert n == 2 and _finite(metrics["delta_psnr"]) and _finite(metrics["psnr"])
 
-    parts = W.load_world(model, state)
     assert parts.action_source == "latent" and parts.lam is not None
     pixels = W.pixel_val(cfg.data)
-    tokens = W.token_val(parts, cfg.data, pixels)
+    tokens = W.token_val(parts, pixels)
     clip = tokens[0]["actions"][:-1]
     assert clip.min() >= 0 and clip.max() < 4  # LAM codes, not the 15 true actions
     confusion, mapping = W.true_action_mapping(pixels, tokens, 4)
@@ -262,7 +261,7 @@ def test_evaluate_dynamics_on_latent_actions(world, tmp_path):
 def test_frame_layout_maps_latent_frames_to_pixel_frames(k, pixels, latents, spans) -> None:
     tokenizer = torch.nn.Module()
     tokenizer.temporal_downsample = k
-    layout = W.FrameLayout.of(tokenizer, pixels, latents)
+    layout = FrameLayout.of(tokenizer, pixels, latents)
     for (j0, j1), (a, b) in spans.items():
         assert layout.span(j0, j1) == slice(a, b), (j0, j1)
 
@@ -271,4 +270,4 @@ def test_frame_layout_refuses_clips_it_cannot_cover() -> None:
     tokenizer = torch.nn.Module()
     tokenizer.temporal_downsample = 2
     with pytest.raises(ValueError, match="cannot cover 12 pixel frames"):
-        W.FrameLayout.of(tokenizer, 12, 5)
+        FrameLayout.of(tokenizer, 12, 5)

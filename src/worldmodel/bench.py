@@ -21,7 +21,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+
+from worldmodel.build import build_model
+from worldmodel.config import instantiate
+from worldmodel.world import World
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
@@ -82,7 +87,6 @@ PEER_TOKENIZER = [
 
 
 def case_tokenizer(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
-    from worldmodel.build import build_model
 
     base = PEER_TOKENIZER if "peer" in kind else []
     cfg = _compose(["model=tokenizer", *base, *overrides])
@@ -107,8 +111,6 @@ def case_tokenizer(kind: str, overrides: list[str], warmup: int, iters: int) -> 
 
 def case_loader(overrides: list[str], warmup: int, iters: int) -> dict:
     from torch.utils.data import DataLoader
-
-    from worldmodel.config import instantiate
 
     cfg = _compose(["experiment=demo_tokenizer", *overrides])
     train, _ = instantiate(cfg.data).datasets()
@@ -179,7 +181,6 @@ DEMO_DYNAMICS = ["model=dynamics", "model.num_actions=15"]
 
 
 def case_lam(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
-    from worldmodel.build import build_model
 
     cfg = _compose(["model=lam", *overrides])
     model = build_model(cfg.model)
@@ -192,7 +193,6 @@ def case_lam(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
 def case_dynamics(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     """Training step at batch 2 over 16 frames, or one new frame after 16 context frames with
     8 MaskGIT steps and the KV cache (batch 1), at open-genie's sizes."""
-    from worldmodel.build import build_model
 
     cfg = _compose([*PEER_DYNAMICS, *overrides])
     model = build_model(cfg.model)
@@ -241,19 +241,17 @@ def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     """Interactive play at the demo's sizes: one action -> next frame (MaskGIT with the KV cache,
     `play.steps` iterations) -> decoded picture, as `task=play` runs it. Random weights: the cost
     does not depend on them."""
-    from worldmodel.build import build_model
-    from worldmodel.eval.world import WorldParts
-    from worldmodel.play.session import PlaySession
-
     tok_cfg = _compose([*DEMO_TOKENIZER, *overrides])
     dyn_cfg = _compose([*DEMO_DYNAMICS, *overrides])
     tokenizer = build_model(tok_cfg.model).eval()
     dynamics = build_model(dyn_cfg.model).eval()
-    parts = WorldParts(dynamics, tokenizer, None, "true", dyn_cfg)
-    prompt = torch.randint(0, dynamics.vocab_size, dynamics.grid)
     steps = int(dyn_cfg.play.steps)
     precision = str(dyn_cfg.play.precision)
-    session = PlaySession(parts, prompt, steps=steps, bf16=precision == "bf16")
+    session = World(
+        tokenizer, dynamics, None, "true", dyn_cfg, {"tokenizer": tok_cfg}, "cpu", precision
+    )
+    session.configure(steps=steps)
+    session.reset(np.zeros((*session.frame_size, 3), dtype=np.uint8))
     n = max(iters, 2 * dynamics.max_frames)  # long enough to slide the window
     with torch.no_grad():
         times = _timed(lambda: session.step(0), warmup, n)
@@ -297,7 +295,6 @@ PEER_PHENAKI = [
 
 def case_cvivit(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     """C-ViViT training step or encoding at phenaki-pytorch's sizes, on (2, 3, 17, 64, 64)."""
-    from worldmodel.build import build_model
 
     cfg = _compose([*PEER_CVIVIT, *overrides])
     model = build_model(cfg.model)
@@ -323,7 +320,6 @@ def case_phenaki(kind: str, overrides: list[str], warmup: int, iters: int) -> di
     C-ViViT; `continue_cached` / `continue_full`: a long video's next latent frame (2 frames)
     primed on the 8 latent frames before it -- prime frames encoded once, or the whole clip at
     every step (the reference path, what a model without the cache runs)."""
-    from worldmodel.build import build_model
 
     tokenizer = build_model(_compose([*PEER_CVIVIT, *overrides]).model).eval()
     model = build_model(_compose([*PEER_PHENAKI, *overrides]).model).eval()

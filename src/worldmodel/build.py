@@ -1,38 +1,34 @@
-"""Building models and datasets from configs, and models from checkpoints."""
+"""Building models from configs, and models from checkpoints (with their frozen parts)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
-from torch.utils.data import Dataset
 
 from worldmodel.config import instantiate
 from worldmodel.train import checkpoint as ckpt
 
 
 def build_model(model_cfg: DictConfig) -> nn.Module:
-    return instantiate(model_cfg)
-
-
-def build_datasets(cfg: DictConfig) -> tuple[Dataset, Dataset]:
-    """(train, val) clip datasets for the run; dynamics runs read tokens through its pipeline."""
-    source = instantiate(cfg.data)
-    train, val = source.datasets()
-    pipeline = cfg.model.get("pipeline")
-    if pipeline is not None:
-        from worldmodel.pipeline import token_datasets
-
-        train, val = token_datasets(cfg, train, val)
-    return train, val
+    """The model a `model` config describes; a model that re-samples with a frozen generator
+    (`model.pipeline.generator_checkpoint`, e.g. Phenaki's token critic) gets it loaded."""
+    model = instantiate(model_cfg)
+    pipeline = model_cfg.get("pipeline") or {}
+    generator = pipeline.get("generator_checkpoint")
+    if generator:
+        model.set_generator(load_model(generator)[0])
+    return model
 
 
 def load_model(
-    path: str | Path, use_ema: bool = True
+    path: str | Path, use_ema: bool = True, device: torch.device | str | None = None
 ) -> tuple[nn.Module, DictConfig, dict[str, Any]]:
-    """A model rebuilt from the config stored in its checkpoint, with (EMA) weights loaded."""
+    """A model rebuilt from the config stored in its checkpoint, with (EMA) weights loaded, in
+    eval mode on `device` (the CPU by default)."""
     state = ckpt.load(path)
     config = state.get("config")
     if not config or "model" not in config:
@@ -44,4 +40,6 @@ def load_model(
     if use_ema and state.get("ema"):
         model.load_state_dict(state["ema"], strict=False)
     model.eval()
+    if device is not None:
+        model.to(device)
     return model, cfg, state

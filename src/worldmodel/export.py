@@ -44,7 +44,7 @@ def export(checkpoint: str | Path, out: str | Path, ema: bool = False) -> Path:
             f"{checkpoint} has no EMA weights (trainer.ema_decay was null); export without --ema"
         )
     cfg = OmegaConf.create(config)
-    model = _build(cfg)
+    model = build_allowed(cfg.model)
     ckpt.check_compatible(state, model, str(checkpoint))
     model.load_state_dict(state["model"])
     if ema:
@@ -87,13 +87,15 @@ def load_exported(
     """(model in eval mode, its run config, the file's metadata) from an exported file."""
     meta = read_metadata(path)
     cfg = OmegaConf.create(meta["config"])
-    model = _build(cfg)
+    model = build_allowed(cfg.model)
     load_model(model, str(path), strict=True, device=str(device))  # raises on any mismatch
     return model.to(device).eval(), cfg, meta
 
 
-def _build(cfg: DictConfig) -> nn.Module:
-    target = str(cfg.model.get("_target_", ""))
+def build_allowed(model_cfg: DictConfig) -> nn.Module:
+    """The model of a config read from a file: only classes of `worldmodel.models` are built, so
+    a crafted file cannot make the loader import and call something else."""
+    target = str(model_cfg.get("_target_", ""))
     module, _, name = target.rpartition(".")
     if not module.startswith(ALLOWED_PACKAGE):
         raise ValueError(
@@ -103,7 +105,7 @@ def _build(cfg: DictConfig) -> nn.Module:
     cls = getattr(importlib.import_module(module), name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ValueError(f"model._target_={target!r} is not an nn.Module class")
-    return build_model(cfg.model)
+    return build_model(model_cfg)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from worldmodel.data.dataset import ClipDataset
 from worldmodel.data.procgen import PROCGEN_GAMES, PROCGEN_NUM_ACTIONS, ProcgenSource
 from worldmodel.data.shards import CacheWriter
 from worldmodel.data.source import Source
@@ -186,8 +187,6 @@ class ProcgenCaptionsSource(Source):
         }
 
     def record(self, writer: CacheWriter) -> dict[str, Any]:
-        from worldmodel.data.dataset import ClipDataset
-
         for index, (game, source) in enumerate(zip(self.games, self.sources)):
             folder = source.prepare()  # records the game's own cache once, or reuses it
             for split in ("train", "val"):

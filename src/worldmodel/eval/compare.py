@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from worldmodel.eval.runner import TOKENIZERS
+from worldmodel.media import plot_curve
 from worldmodel.train import checkpoint as ckpt
 
 ROLLOUT_HORIZON = 8  # rollout PSNR is reported at this many generated pixel frames
@@ -40,6 +40,13 @@ class Stage:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.result["metrics"]
+
+    @property
+    def kind(self) -> str:
+        """tokenizer | lam | world (older eval.json files: told apart by their metrics)."""
+        if "kind" in self.result:
+            return str(self.result["kind"])
+        return "tokenizer" if "tokens_per_frame" in self.metrics else "other"
 
 
 def load_stage(folder: Path) -> Stage:
@@ -135,7 +142,7 @@ def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
 def render(run_dir: Path) -> str:
     """The Markdown tables of a pipeline run."""
     stages = load_stages(run_dir)
-    tokenizers = [s for s in stages if s.model in TOKENIZERS]
+    tokenizers = [s for s in stages if s.kind == "tokenizer"]
     worlds = [s for s in stages if "rollout_psnr" in s.metrics]
     by_path = {
         str((run_dir / s.name / "checkpoints" / "last.pt").resolve()): s.name for s in stages
@@ -152,7 +159,6 @@ def render(run_dir: Path) -> str:
 def plot(run_dir: Path, out_dir: Path) -> list[Path]:
     """Rollout PSNR and ΔtPSNR against the horizon (pixel frames) of every world model, one
     picture each (`rollout_psnr.png`, `delta_psnr.png` in `out_dir`)."""
-    from worldmodel.media import plot_curve
 
     worlds = [s for s in load_stages(run_dir) if "rollout_psnr" in s.metrics]
     if not worlds:

@@ -24,48 +24,66 @@ from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.data.dataset import val_subset
 from worldmodel.eval import metrics as M
+from worldmodel.eval.text_video import evaluate_text_video
+from worldmodel.eval.world import evaluate_dynamics, evaluate_lam
+from worldmodel.media import save_gif, save_grid, save_mp4, side_by_side
+from worldmodel.models.interfaces import LatentActions, Tokenizer, WorldModel
 from worldmodel.pipeline import frames_per_latent
+from worldmodel.runtime import autocast, resolve_device, set_threads
+from worldmodel.world import World
 
 log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
-TOKENIZERS = ("tokenizer", "tokenizer_cvivit", "videogpt_vqvae")
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Evaluate `cfg.checkpoint` on the validation split of `cfg.data`; returns eval.json's dict."""
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    model, mcfg, state = load_model(cfg.checkpoint)
-    name = mcfg.model.get("name", type(model).__name__)
-    data_cfg = cfg.data.copy()
-    if cfg.eval.get("clip_length"):  # e.g. a tokenizer trained on single frames, shown on clips
-        data_cfg.clip_length = int(cfg.eval.clip_length)
-    _, val = instantiate(data_cfg).datasets()
+    """Evaluate `cfg.checkpoint` (a checkpoint, a world file or a run folder) on the validation
+    split of `cfg.data`, on the run's device; returns eval.json's dict."""
+    set_threads(cfg.trainer.get("threads"))
+    device = resolve_device(cfg.trainer.get("accelerator", "cpu"))
+    precision = cfg.trainer.get("precision", "fp32")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if name in TOKENIZERS:
+    source = Path(cfg.checkpoint)
+    if source.is_dir() or source.suffix == ".safetensors":
+        world = World.load(source, device, precision)
+        model, step = world.dynamics, world.step_count
+        name = str(world.config.get("model", {}).get("name", type(model).__name__))
+    else:
+        model, mcfg, state = load_model(source, device=device)
+        step = int(state.get("step", 0))
+        name = str(mcfg.model.get("name", type(model).__name__))
+        world = (
+            World.from_checkpoint(source, device, precision)
+            if isinstance(model, WorldModel)
+            else None
+        )
+    kind = "world" if world is not None else "tokenizer" if isinstance(model, Tokenizer) else "lam"
+    if isinstance(model, Tokenizer):
+        data_cfg = cfg.data.copy()
+        if cfg.eval.get("clip_length"):  # e.g. a tokenizer trained on single frames, on clips
+            data_cfg.clip_length = int(cfg.eval.clip_length)
+        _, val = instantiate(data_cfg).datasets()
         metrics, media, n = evaluate_tokenizer(model, val, cfg, run_dir)
-    elif name == "lam":
-        from worldmodel.eval.world import evaluate_lam
-
-        metrics, media, n = evaluate_lam(model, cfg, run_dir, state)
-    elif mcfg.model.get("pipeline") is not None:
-        from worldmodel.eval.world import evaluate_dynamics
-
-        metrics, media, n = evaluate_dynamics(model, cfg, run_dir, state)
-        if name == "phenaki" and len(model.games or []) > 1:  # text -> which game, per game
-            from worldmodel.eval.text_video import evaluate_text_video
-
-            text_metrics, text_media, _ = evaluate_text_video(model, cfg, run_dir, state)
+    elif isinstance(model, LatentActions):
+        metrics, media, n = evaluate_lam(model, cfg, run_dir)
+    elif world is not None:
+        metrics, media, n = evaluate_dynamics(world, cfg, run_dir)
+        if model.conditioning == "text" and len(model.games or []) > 1:  # text -> which game
+            text_metrics, text_media, _ = evaluate_text_video(world, cfg, run_dir)
             metrics = {**text_metrics, **metrics}
             media = {**text_media, **media}
     else:
-        raise NotImplementedError(f"task=eval has no evaluation for model {name!r}")
+        raise NotImplementedError(
+            f"task=eval has no evaluation for {type(model).__name__} (not a tokenizer, latent "
+            "action model or world model)"
+        )
     result = {
         "schema": SCHEMA_VERSION,
         "model": name,
+        "kind": kind,
         "checkpoint": str(Path(cfg.checkpoint).resolve()),
-        "step": int(state.get("step", 0)),
+        "step": step,
         "data": {
             k: v
             for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
@@ -89,12 +107,12 @@ def _lpips(cfg: DictConfig) -> nn.Module | None:
     return M.LPIPSMetric(net=cfg.eval.get("lpips_net", "alex"), weights_path=cfg.eval.lpips_weights)
 
 
-def _reconstruct(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _reconstruct(model: Tokenizer, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(reconstruction (B, C, T, H, W), indices (B, t, h, w)) of clips. A per-frame tokenizer
     built for shorter clips than these (VideoGPT's VQ-VAE with max_frames=1, as the pipeline uses
     it) reconstructs each frame alone."""
     b, t = video.shape[0], video.shape[2]
-    limit = getattr(model, "max_latent_frames", None)
+    limit = model.max_latent_frames
     if frames_per_latent(model) == 1 and limit is not None and t > limit:
         recon, indices = model.reconstruct(rearrange(video, "b c t h w -> (b t) c 1 h w"))
         return (
@@ -106,21 +124,22 @@ def _reconstruct(model: nn.Module, video: torch.Tensor) -> tuple[torch.Tensor, t
 
 @torch.no_grad()
 def evaluate_tokenizer(
-    model: nn.Module, val: Any, cfg: DictConfig, run_dir: Path
+    model: Tokenizer, val: Any, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, float], dict[str, Path], int]:
-    """Reconstruction PSNR / SSIM / LPIPS and codebook use over held-out clips."""
-    from worldmodel.media import save_gif, save_grid, save_mp4, side_by_side
-
+    """Reconstruction PSNR / SSIM / LPIPS and codebook use over held-out clips, on the model's
+    device."""
+    device = next(model.parameters()).device
     subset = val_subset(val, int(cfg.eval.batches) * int(cfg.eval.batch_size))
     loader = DataLoader(subset, batch_size=int(cfg.eval.batch_size))
     lpips = _lpips(cfg)
+    lpips = lpips.to(device) if lpips is not None else None
     sums: dict[str, float] = {}
     all_indices, shown = [], None
     n = 0
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.trainer.precision == "bf16")
+    bf16 = cfg.trainer.precision == "bf16"
     for batch in tqdm(loader, desc="eval", disable=not cfg.trainer.progress):
-        video = batch["video"]
-        with amp:
+        video = batch["video"].to(device)
+        with autocast(device, bf16):
             recon, indices = _reconstruct(model, video)
         recon = recon.float().clamp(-1, 1)
         b = video.shape[0]
@@ -130,9 +149,10 @@ def evaluate_tokenizer(
         for k, v in scores.items():
             sums[k] = sums.get(k, 0.0) + float(v) * b
         n += b
-        all_indices.append(indices.flatten())
+        all_indices.append(indices.flatten().cpu())
         if shown is None:
-            shown = (video[: int(cfg.eval.media_samples)], recon[: int(cfg.eval.media_samples)])
+            k = int(cfg.eval.media_samples)
+            shown = (video[:k].cpu(), recon[:k].cpu())
     metrics = {k: v / max(n, 1) for k, v in sums.items()}
     stats = M.codebook_stats(torch.cat(all_indices), int(model.codebook_size))
     metrics.update({f"codebook/{k}": float(v) for k, v in stats.items()})

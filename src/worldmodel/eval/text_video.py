@@ -33,16 +33,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.data.dataset import val_subset
 from worldmodel.data.procgen import PROCGEN_NUM_ACTIONS
-from worldmodel.eval.world import autocast, decode_clip, load_world, seeded
+from worldmodel.eval.world import seeded, token_val
 from worldmodel.media import save_gif, save_mp4, side_by_side
-from worldmodel.pipeline import token_datasets
+from worldmodel.runtime import autocast
+from worldmodel.world import World, decode_clip
 
 log = logging.getLogger(__name__)
 
@@ -126,30 +128,30 @@ def make_video(
         clip = model.continue_video(clip, [text], frames_per_scene, prime_frames, **sampling)
         scenes.append(clip[:, prime_frames:])  # the primed frames are already in the video
     tokens = torch.cat(scenes, dim=1)  # (1, T, h, w)
-    video = decode_clip(tokenizer, tokens, bf16)[0]  # (C, T, H, W)
+    video = decode_clip(tokenizer, tokens, bf16)[0].cpu()  # (C, T, H, W)
     return save_mp4(video, path, fps=fps, scale=scale), video
 
 
-def _token_splits(cfg: DictConfig, model_cfg: DictConfig) -> tuple[Any, Any]:
+def _token_splits(cfg: DictConfig, world: World) -> tuple[Any, Any]:
     """Train and validation token clips of `cfg.data` (tokenized once into the data cache)."""
     train, val = instantiate(cfg.data).datasets()
-    both = OmegaConf.create({"model": model_cfg, "data": cfg.data})
-    return token_datasets(both, train, val)
+    return token_val(world, train), token_val(world, val)
 
 
 @torch.no_grad()
 def evaluate_text_video(
-    model: nn.Module, cfg: DictConfig, run_dir: Path, state: dict[str, Any]
+    world: World, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path], int]:
     """Token accuracy, next-frame accuracy and text -> game recognition of a Phenaki model."""
-    parts = load_world(model, state)
+    model = world.dynamics
+    parts = world
     games = model.games
     if not games:
         raise ValueError(
             "the phenaki evaluation needs model.games (captioned multi-game data, "
             "data=procgen_captions)"
         )
-    train_tokens, val_tokens = _token_splits(cfg, parts.config.model)
+    train_tokens, val_tokens = _token_splits(cfg, world)
     ev = cfg.eval
     bf16 = cfg.trainer.get("precision", "fp32") == "bf16"
     seed = int(cfg.seed)
@@ -162,7 +164,7 @@ def evaluate_text_video(
         val_subset(val_tokens, int(ev.batches) * int(ev.batch_size)),
         batch_size=int(ev.batch_size),
     )
-    gen = torch.Generator().manual_seed(seed)
+    gen = world.generator(seed)
     sums: dict[str, float] = {}
     per_game: dict[str, list[float]] = {g: [0.0, 0.0] for g in games}
     n = 0
@@ -172,18 +174,18 @@ def evaluate_text_video(
         sums[key] = sums.get(key, 0.0) + float(value) * count
 
     for i, batch in enumerate(loader):
-        batch = {k: v[:, : model.max_frames] for k, v in batch.items()}
+        labels = game_labels(batch["actions"])  # on the CPU, as the classifier
+        batch = {k: v[:, : model.max_frames].to(world.device) for k, v in batch.items()}
         tokens, b = batch["tokens"], batch["tokens"].shape[0]
         n += b
-        labels = game_labels(batch["actions"])
         texts = model.texts_of(batch)
-        with seeded(seed + i), autocast(bf16):
+        with seeded(seed + i), autocast(world.device, bf16):
             _, loss_metrics = model.loss(batch)
         add("ce", loss_metrics["ce"], b)
         add("masked_acc", loss_metrics["masked_acc"], b)
-        add("classifier_val_acc", (clf(tokens).argmax(-1) == labels).float().mean(), b)
+        add("classifier_val_acc", (clf(tokens.cpu()).argmax(-1) == labels).float().mean(), b)
         t = tokens.shape[1]
-        with autocast(bf16):
+        with autocast(world.device, bf16):
             nxt = model.generate_next(
                 tokens[:, :-1], text=texts, steps=steps, temperature=temperature, generator=gen
             )
@@ -192,11 +194,11 @@ def evaluate_text_video(
                 texts, t, steps=steps, temperature=temperature, generator=gen, cond_scale=guided
             )
         add("next_frame_token_acc", (nxt == tokens[:, -1]).float().mean(), b)
-        hit = clf(fake).argmax(-1) == labels
+        hit = clf(fake.cpu()).argmax(-1) == labels
         add("text_game_recognition", hit.float().mean(), b)
         add(
             f"text_game_recognition_cfg{guided:g}",
-            (clf(fake_guided).argmax(-1) == labels).float().mean(),
+            (clf(fake_guided.cpu()).argmax(-1) == labels).float().mean(),
             b,
         )
         for label, ok in zip(labels.tolist(), hit.tolist()):
@@ -215,8 +217,8 @@ def evaluate_text_video(
     media: dict[str, Path] = {}
     if shown is not None:
         k = min(int(ev.get("media_samples", 4)), shown[0].shape[0])
-        real = decode_clip(parts.tokenizer, shown[0][:k], bf16)  # (k, C, T, H, W)
-        fake = decode_clip(parts.tokenizer, shown[1][:k], bf16)
+        real = decode_clip(parts.tokenizer, shown[0][:k], bf16).cpu()  # (k, C, T, H, W)
+        fake = decode_clip(parts.tokenizer, shown[1][:k], bf16).cpu()
         pair = torch.cat([side_by_side(r, f) for r, f in zip(real, fake)], dim=2)  # rows
         media["text_to_video_mp4"] = save_mp4(pair, run_dir / "text_to_video.mp4", fps=8, scale=4)
         media["text_to_video_gif"] = save_gif(pair, run_dir / "text_to_video.gif", fps=8, scale=4)
@@ -240,8 +242,6 @@ def evaluate_text_video(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m worldmodel.eval.text_video CHECKPOINT TEXT [TEXT ...] --out video.mp4`."""
-    from worldmodel.build import load_model
-
     p = argparse.ArgumentParser(description="Multi-scene text-to-video with a Phenaki checkpoint")
     p.add_argument("checkpoint")
     p.add_argument("texts", nargs="+", help="one caption per scene")
@@ -254,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--critic", default=None, help="'self' or a critic checkpoint")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    model, _, state = load_model(args.checkpoint)
-    parts = load_world(model, state)
+    parts = World.load(args.checkpoint)
+    model = parts.dynamics
     critic: Any = args.critic
     if critic and critic != "self":
-        critic, _, _ = load_model(critic)
+        critic, _, _ = load_model(critic, device=parts.device)
     path, video = make_video(
         model,
         parts.tokenizer,
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
         temperature=args.temperature,
         cond_scale=args.cond_scale,
         critic=critic,
-        generator=torch.Generator().manual_seed(args.seed),
+        generator=parts.generator(args.seed),
     )
     print(f"{path}: {video.shape[1]} frames")
 

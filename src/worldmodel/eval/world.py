@@ -34,17 +34,20 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from worldmodel.config import instantiate
 from worldmodel.data.dataset import val_subset
+from worldmodel.data.tokens import token_cache
 from worldmodel.eval import metrics as M
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
-from worldmodel.pipeline import action_source, frames_per_latent, load_frozen, token_datasets
+from worldmodel.models.interfaces import LatentActions
+from worldmodel.runtime import autocast
+from worldmodel.world import FrameLayout, World
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,6 @@ DELTA_PSNR_T = 4
 # ------------------------------------------------------------------------------------------------
 
 
-def autocast(enabled: bool) -> Any:
-    """bf16 autocast on the CPU (weights stay fp32), or nothing."""
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run a block under a fixed global torch RNG without disturbing the caller's RNG state."""
@@ -70,149 +68,23 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-@dataclass
-class WorldParts:
-    """A dynamics model with the frozen tokenizer (and LAM) named in its stored config."""
-
-    dynamics: nn.Module
-    tokenizer: nn.Module
-    lam: nn.Module | None
-    action_source: str  # "latent" (LAM codes) or "true" (the data's recorded actions)
-    config: DictConfig  # the dynamics checkpoint's own stored config
-
-    @property
-    def num_actions(self) -> int:
-        return int(self.dynamics.num_actions)
-
-
-def load_world(dynamics: nn.Module, state: dict[str, Any]) -> WorldParts:
-    """Load the frozen parts a dynamics checkpoint (`state`, with its stored config) was trained
-    on, from the paths in `model.pipeline`."""
-    config = OmegaConf.create(state["config"])
-    p = config.model.get("pipeline")
-    if p is None:
-        raise ValueError("this checkpoint's model has no `pipeline` entry: not a dynamics model")
-    source = action_source(p)
-    tokenizer, _ = load_frozen(
-        p.tokenizer_checkpoint, "tokenizer", "model.pipeline.tokenizer_checkpoint"
+def token_val(world: World, pixels: Any) -> Any:
+    """The token clips of `pixels` (a split's pixel clips) for `world`, tokenized once into the
+    data cache with the world's own frozen tokenizer (and LAM) on its device."""
+    return token_cache(
+        pixels,
+        world.cache_key,
+        world.tokenizer,
+        world.lam,
+        world.lam_window,
+        world.dynamics.inputs,
+        world.frames_per_latent,
     )
-    lam = None
-    if source == "latent":
-        lam, _ = load_frozen(
-            p.lam_checkpoint, "latent action model", "model.pipeline.lam_checkpoint"
-        )
-    dynamics.eval()
-    return WorldParts(dynamics, tokenizer.eval(), lam, source, config)
 
 
 def pixel_val(data_cfg: DictConfig) -> Any:
     """The validation clips of a data config (recorded into its cache on first use)."""
     return instantiate(data_cfg).datasets()[1]
-
-
-def token_val(parts: WorldParts, data_cfg: DictConfig, pixels: Any) -> Any:
-    """Validation token clips of `data_cfg` for `parts`, tokenized once into the data cache.
-
-    The pipeline builds (train, val) datasets; the validation split is passed for both so that
-    evaluating on new data never tokenizes a whole training split.
-    """
-    cfg = OmegaConf.create({"model": parts.config.model, "data": data_cfg})
-    _, tokens = token_datasets(cfg, pixels, pixels)
-    return tokens
-
-
-@torch.no_grad()
-def decode_tokens(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Tensor:
-    """Token grids (B, T, h, w) -> video (B, C, T, H, W) in [-1, 1], each frame decoded alone.
-
-    The pipeline tokenizes every frame alone, so frames are decoded alone too: a generated frame
-    then never borrows detail from the real frames around it through the decoder.
-    """
-    b = tokens.shape[0]
-    frames = rearrange(tokens, "b t h w -> (b t) 1 h w")  # every frame its own 1-frame clip
-    with autocast(bf16):
-        video = tokenizer.detokenize(frames)  # (B T, C, 1, H, W)
-    video = video.float().clamp(-1.0, 1.0)
-    return rearrange(video, "(b t) c 1 h w -> b c t h w", b=b)
-
-
-@torch.no_grad()
-def decode_clip(tokenizer: nn.Module, tokens: Tensor, bf16: bool = True) -> Tensor:
-    """A token clip (B, T', h, w) -> video (B, C, T, H, W). Per-frame tokens are decoded each
-    frame alone (`decode_tokens`); tokens of a tokenizer that compresses time are decoded as one
-    clip, and a clip longer than the tokenizer's `max_latent_frames` through a sliding window that
-    keeps the k pixel frames of its newest latent frame (the window's first latent frame is then
-    read as a clip's first frame: an approximation for its context only)."""
-    k = frames_per_latent(tokenizer)
-    if k == 1:
-        return decode_tokens(tokenizer, tokens, bf16)
-    window = int(getattr(tokenizer, "max_latent_frames", None) or tokens.shape[1])
-    with autocast(bf16):
-        pieces = [tokenizer.detokenize(tokens[:, :window])]  # (B, C, T_w, H, W)
-        for j in range(window, tokens.shape[1]):
-            pieces.append(tokenizer.detokenize(tokens[:, j - window + 1 : j + 1])[:, :, -k:])
-    return torch.cat(pieces, dim=2).float().clamp(-1.0, 1.0)
-
-
-@torch.no_grad()
-def decode_frames(parts: WorldParts, tokens: Tensor, bf16: bool = True) -> Tensor:
-    """A world model's token grids (B, T, h, w) -> video (B, C, T, H, W): through the model's own
-    codes when it has them (`decode_pixels`, e.g. genie2's latent quantizer), else through the
-    frozen tokenizer's codebook."""
-    decode_pixels = getattr(parts.dynamics, "decode_pixels", None)
-    if decode_pixels is None:
-        return decode_tokens(parts.tokenizer, tokens, bf16)
-    with autocast(bf16):
-        video = decode_pixels(parts.tokenizer, tokens)
-    return video.float().clamp(-1.0, 1.0)
-
-
-@dataclass(frozen=True)
-class FrameLayout:
-    """Which pixel frames of a clip each latent frame of its token clip decodes to.
-
-    A per-frame tokenizer (k = 1): latent frame j is pixel frame j. A tokenizer that compresses
-    time (k = temporal_downsample > 1) covers k pixel frames per latent frame, counted back from
-    the clip's last frame (the pipeline's rule, see `ClipwiseTokenDataset`): for a causal one whose
-    first frame is alone (C-ViViT: 9 frames -> 5 latent frames) latent frame 0 is pixel frame 0 and
-    latent frame j >= 1 is frames 2j - 1 .. 2j; for one that encodes whole groups (VideoGPT's
-    VQ-VAE, k = 4: 8 frames -> 2) latent frame j is frames 4j .. 4j + 3.
-    """
-
-    k: int  # pixel frames per latent frame (the tokenizer's temporal_downsample)
-    pixels: int  # T: pixel frames of the clip
-    latents: int  # T': latent frames of its token clip
-
-    @classmethod
-    def of(cls, tokenizer: nn.Module, pixels: int, latents: int) -> FrameLayout:
-        k = frames_per_latent(tokenizer)
-        if k == 1 and pixels != latents or pixels < latents or pixels > k * latents:
-            raise ValueError(
-                f"{latents} latent frames cannot cover {pixels} pixel frames with a tokenizer of "
-                f"temporal_downsample={k}"
-            )
-        return cls(k, pixels, latents)
-
-    def last(self, j: int) -> int:
-        """The last pixel frame of latent frame j."""
-        return self.pixels - 1 - self.k * (self.latents - 1 - j)
-
-    def span(self, j0: int, j1: int) -> slice:
-        """The pixel frames of latent frames j0 .. j1 - 1."""
-        return slice(self.last(j0 - 1) + 1 if j0 > 0 else 0, self.last(j1 - 1) + 1)
-
-
-@torch.no_grad()
-def decode_after(parts: WorldParts, context: Tensor, new: Tensor, bf16: bool = True) -> Tensor:
-    """The pixel frames (B, C, n, H, W) of the latent frames `new` (B, t, h, w) that follow the
-    latent frames `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone (`decode_frames`);
-    tokens of a tokenizer that compresses time are decoded with their context as one clip (its
-    decoder reads across latent frames) and the new frames' k * t pixel frames are kept."""
-    k = frames_per_latent(parts.tokenizer)
-    if k == 1:
-        return decode_frames(parts, new, bf16)
-    video = decode_clip(parts.tokenizer, torch.cat([context, new], dim=1), bf16)  # (B, C, T, H, W)
-    return video[:, :, -k * new.shape[1] :]
 
 
 def text_context(model: nn.Module, clip_actions: Tensor) -> Any:
@@ -347,7 +219,7 @@ def _save_rollout_media(real: Tensor, fake: Tensor, run_dir: Path, name: str) ->
 
 @torch.no_grad()
 def evaluate_lam(
-    model: nn.Module, cfg: DictConfig, run_dir: Path, state: dict[str, Any]
+    model: LatentActions, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path], int]:
     """Next-frame prediction, codebook use and agreement with true actions of a LAM.
 
@@ -363,30 +235,31 @@ def evaluate_lam(
     if length < 2:
         raise ValueError(f"data.clip_length={pixels.clip_length}: a LAM needs clips of >= 2 frames")
     bf16 = _bf16(cfg)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
     means = Means()
     all_codes, all_true = [], []
     shown = None
     n = 0
     for batch in _progress(loader, cfg, "eval lam"):
-        video = batch["video"][:, :, :length]  # (B, C, T, H, W)
+        video = batch["video"][:, :, :length].to(device)  # (B, C, T, H, W)
         target = video[:, :, 1:]
         b = video.shape[0]
         n += b
-        with autocast(bf16):
+        with autocast(device, bf16):
             codes = model.infer_actions(video)  # (B, T-1): transition t -> t+1
             pred = model.predict_frames(video, codes)  # (B, C, T-1, H, W)
-            random = torch.randint(0, num_codes, codes.shape, generator=gen)
+            random = torch.randint(0, num_codes, codes.shape, generator=gen, device=gen.device)
             pred_random = model.predict_frames(video, random)
         pred = pred.float().clamp(-1.0, 1.0)
         _frame_scores(means, pred, target)
         means.add("random_action_psnr", M.psnr(pred_random.float().clamp(-1.0, 1.0), target), b)
         means.add("copy_last_psnr", M.psnr(video[:, :, :-1], target), b)
-        all_codes.append(codes.flatten())
+        all_codes.append(codes.flatten().cpu())
         all_true.append(batch["actions"][:, : length - 1].flatten())  # aligned with the codes
         if shown is None:
             samples = int(cfg.eval.get("media_samples", 4))
-            shown = [target[:samples], pred[:samples]]
+            shown = [target[:samples].cpu(), pred[:samples].cpu()]
 
     codes, true = torch.cat(all_codes), torch.cat(all_true)
     metrics: dict[str, Any] = means.result()
@@ -422,19 +295,19 @@ class Sampling:
 
 @torch.no_grad()
 def _teacher_forced(
-    parts: WorldParts, batch: dict[str, Tensor], sampling: Sampling, bf16: bool, means: Means
+    world: World, batch: dict[str, Tensor], sampling: Sampling, bf16: bool, means: Means
 ) -> tuple[Tensor, Tensor]:
     """Generate every frame t >= 1 from the real tokens of frames 0..t-1 and the action that led
     to it; score the decoded frames against the real pixels. Returns (real, generated) frames
     (B, C, L-1, H, W), L = the frames that fit the model's window."""
-    model = parts.dynamics
+    model = world.dynamics
     video = batch["video"]  # (B, C, T, H, W)
-    layout = FrameLayout.of(parts.tokenizer, video.shape[2], batch["tokens"].shape[1])
+    layout = FrameLayout.of(world.tokenizer, video.shape[2], batch["tokens"].shape[1])
     length = min(batch["tokens"].shape[1], model.max_frames)
     tokens = batch["tokens"][:, :length]  # (B, L, h, w)
     actions = batch["actions"][:, :length]  # (B, L)
     b = tokens.shape[0]
-    with autocast(bf16):
+    with autocast(world.device, bf16):
         cache = text_context(model, actions)
         if cache is None:
             cache = model.new_cache(tokens[:, :1], actions[:, :0])
@@ -444,13 +317,10 @@ def _teacher_forced(
         ]
     generated = torch.stack(generated, dim=1)  # (B, L-1, h, w)
     if layout.k == 1:
-        pred = decode_frames(parts, generated, bf16)  # (B, C, L-1, H, W)
+        pred = world.decode(generated)  # (B, C, L-1, H, W)
     else:  # frame t decoded after the real frames 0..t-1 it was generated from
         pred = torch.cat(
-            [
-                decode_after(parts, tokens[:, :t], generated[:, t - 1 : t], bf16)
-                for t in range(1, length)
-            ],
+            [world.decode_after(tokens[:, :t], generated[:, t - 1 : t]) for t in range(1, length)],
             dim=2,
         )
     span = layout.span(1, length)
@@ -458,7 +328,7 @@ def _teacher_forced(
     _frame_scores(means, pred, real)
     means.add("token_acc", (generated == tokens[:, 1:]).float().mean(), b)
     means.add("copy_last_psnr", M.psnr(video[:, :, span.start - 1 : span.stop - 1], real), b)
-    recon = decode_after(parts, tokens[:, :1], tokens[:, 1:], bf16)
+    recon = world.decode_after(tokens[:, :1], tokens[:, 1:])
     means.add("tokenizer_psnr", M.psnr(recon, real), b)
     return real, pred
 
@@ -469,13 +339,13 @@ def _random_actions(
     """The same actions for the context frames, uniformly random ones for the generated frames."""
     out = actions.clone()
     tail = out[:, context - 1 :]  # actions[:, t] leads to frame t + 1: these drive the rollout
-    tail.copy_(torch.randint(0, num_actions, tail.shape, generator=gen))
+    tail.copy_(torch.randint(0, num_actions, tail.shape, generator=gen, device=gen.device))
     return out
 
 
 @torch.no_grad()
 def _rollout(
-    parts: WorldParts,
+    world: World,
     tokens: Tensor,
     actions: Tensor,
     context: int,
@@ -486,25 +356,25 @@ def _rollout(
     """Decoded pixel frames (B, C, n, H, W) of `horizon` latent frames generated
     autoregressively after `context` real token frames of `tokens` (B, T, h, w), driven by
     `actions` (B, T) (n = horizon for per-frame tokens)."""
-    with autocast(bf16):
-        generated = parts.dynamics.rollout(
+    with autocast(world.device, bf16):
+        generated = world.dynamics.rollout(
             tokens[:, :context], actions, horizon, **sampling.kwargs()
         )  # (B, horizon, h, w)
-    return decode_after(parts, tokens[:, :context], generated, bf16)
+    return world.decode_after(tokens[:, :context], generated)
 
 
 @torch.no_grad()
 def generation_speed(
-    parts: WorldParts, tokens: Tensor, actions: Tensor, frames: int, sampling: Sampling, bf16: bool
+    world: World, tokens: Tensor, actions: Tensor, frames: int, sampling: Sampling, bf16: bool
 ) -> float:
     """Pixel frames per second of `generate_next` with the KV cache, one clip at a time (batch
     1), from the context `tokens` (1, c, h, w) with `actions` (1, >= c + frames - 1); decoding
     excluded. A latent frame of a tokenizer that compresses time counts as the k pixel frames it
     decodes to."""
-    model = parts.dynamics
+    model = world.dynamics
     c = tokens.shape[1]
     frames = max(1, min(frames, model.max_frames - c))
-    with autocast(bf16):
+    with autocast(world.device, bf16):
         text = text_context(model, actions)
         model.generate_next(tokens, actions[:, :c], cache=text, **sampling.kwargs())  # warm-up
         cache = text if text is not None else model.new_cache(tokens, actions[:, : c - 1])
@@ -514,7 +384,7 @@ def generation_speed(
             frame = model.generate_next(tokens, actions[:, :t], cache=cache, **sampling.kwargs())
             tokens = torch.cat([tokens, frame[:, None]], dim=1)
         elapsed = time.perf_counter() - start
-    return frames * frames_per_latent(parts.tokenizer) / elapsed
+    return frames * world.frames_per_latent / elapsed
 
 
 def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
@@ -540,11 +410,11 @@ def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
     return out
 
 
-def latent_frames(parts: WorldParts, pixels: Any) -> int:
+def latent_frames(world: World, pixels: Any) -> int:
     """Latent frames of the token clips of `pixels`' clips (= their frames for per-frame tokens)."""
-    if frames_per_latent(parts.tokenizer) == 1:
+    if world.frames_per_latent == 1:
         return int(pixels.clip_length)
-    return int(parts.tokenizer.latent_shape(pixels.clip_length, *pixels.resolution)[0])
+    return int(world.tokenizer.latent_shape(pixels.clip_length, *pixels.resolution)[0])
 
 
 def _rollout_lengths(cfg: DictConfig, clip_length: int) -> tuple[int, int]:
@@ -571,25 +441,25 @@ def _rollout_lengths(cfg: DictConfig, clip_length: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_dynamics(
-    model: nn.Module, cfg: DictConfig, run_dir: Path, state: dict[str, Any]
+    world: World, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path], int]:
-    """Next-frame quality, rollouts vs horizon, ΔtPSNR, FVD and speed of a dynamics model.
+    """Next-frame quality, rollouts vs horizon, ΔtPSNR, FVD and speed of a world.
 
-    `cfg` is the eval run's config (data, eval, trainer.precision); the checkpoint's own config
-    in `state["config"]` names the frozen tokenizer/LAM and the action source. With a tokenizer
-    that compresses time, eval.context_frames and eval.horizon count latent frames, and the
-    rollout curves count the pixel frames they decode to.
+    `cfg` is the eval run's config (data, eval); the world brings its frozen tokenizer/LAM, the
+    action source, its device and precision. With a tokenizer that compresses time,
+    eval.context_frames and eval.horizon count latent frames, and the rollout curves count the
+    pixel frames they decode to.
     """
-    parts = load_world(model, state)
+    model, device = world.dynamics, world.device
     pixels = pixel_val(cfg.data)
-    layout = FrameLayout.of(parts.tokenizer, pixels.clip_length, latent_frames(parts, pixels))
-    loader = _loader(PairedClips(token_val(parts, cfg.data, pixels), pixels), cfg)
+    layout = FrameLayout.of(world.tokenizer, pixels.clip_length, latent_frames(world, pixels))
+    loader = _loader(PairedClips(token_val(world, pixels), pixels), cfg)
     context, horizon = _rollout_lengths(cfg, layout.latents)
     span = layout.span(context, context + horizon)  # the pixel frames the rollouts generate
-    bf16 = _bf16(cfg)
-    gen = torch.Generator().manual_seed(int(cfg.seed))
+    bf16 = world.bf16
+    gen = world.generator(int(cfg.seed))
     sampling = Sampling(int(cfg.eval.get("steps", 8)), float(cfg.eval.get("temperature", 1.0)), gen)
-    feature_net = build_feature_net(cfg.eval.get("fvd_weights"), seed=int(cfg.seed))
+    feature_net = build_feature_net(cfg.eval.get("fvd_weights"), seed=int(cfg.seed)).to(device)
     real_feats, fake_feats = FeatureStats(), FeatureStats()
     means = Means()
     psnr_actions, psnr_random = [], []
@@ -597,32 +467,33 @@ def evaluate_dynamics(
     samples = int(cfg.eval.get("media_samples", 4))
     n = 0
     for i, batch in enumerate(_progress(loader, cfg, "eval dynamics")):
+        batch = {k: v.to(device) for k, v in batch.items()}
         if "latents" in batch:  # a model with its own quantizer over the tokenizer's latents
             batch["tokens"] = model.encode(batch["latents"])  # (B, T, h, w) its codes
         b = batch["tokens"].shape[0]
         n += b
         window = {k: batch[k][:, : model.max_frames] for k in ("tokens", "actions", "mask")}
-        with seeded(int(cfg.seed) + i), autocast(bf16):
+        with seeded(int(cfg.seed) + i), autocast(device, bf16):
             _, loss_metrics = model.loss(window)
         for key in ("ce", "masked_acc"):
             means.add(key, loss_metrics[key], b)
-        real_next, pred_next = _teacher_forced(parts, batch, sampling, bf16, means)
+        real_next, pred_next = _teacher_forced(world, batch, sampling, bf16, means)
 
         tokens, actions, video = batch["tokens"], batch["actions"], batch["video"]
-        random = _random_actions(actions, context, parts.num_actions, gen)
-        fake = _rollout(parts, tokens, actions, context, horizon, sampling, bf16)
-        fake_random = _rollout(parts, tokens, random, context, horizon, sampling, bf16)
+        random = _random_actions(actions, context, world.num_actions, gen)
+        fake = _rollout(world, tokens, actions, context, horizon, sampling, bf16)
+        fake_random = _rollout(world, tokens, random, context, horizon, sampling, bf16)
         real = video[:, :, span]  # (B, C, n, H, W)
-        psnr_actions.append(M.psnr(fake, real, reduction="none"))  # (B, n)
-        psnr_random.append(M.psnr(fake_random, real, reduction="none"))
+        psnr_actions.append(M.psnr(fake, real, reduction="none").cpu())  # (B, n)
+        psnr_random.append(M.psnr(fake_random, real, reduction="none").cpu())
         # FVD compares whole clips: the real context frames followed by the real / generated ones
         real_clip = video[:, :, : span.stop]
         fake_clip = torch.cat([video[:, :, : span.start], fake], dim=2)
-        real_feats.update(feature_net(real_clip))
-        fake_feats.update(feature_net(fake_clip))
+        real_feats.update(feature_net(real_clip).cpu())
+        fake_feats.update(feature_net(fake_clip).cpu())
         if not shown:
-            shown["next"] = (real_next[:samples], pred_next[:samples])
-            shown["rollout"] = (real_clip[:samples], fake_clip[:samples])
+            shown["next"] = (real_next[:samples].cpu(), pred_next[:samples].cpu())
+            shown["rollout"] = (real_clip[:samples].cpu(), fake_clip[:samples].cpu())
             first = (tokens[:1, :context], actions[:1])
 
     psnr_actions_t, psnr_random_t = torch.cat(psnr_actions), torch.cat(psnr_random)  # (N, H)
@@ -636,9 +507,9 @@ def evaluate_dynamics(
         )
     else:
         log.warning("FVD needs at least 2 clips, got %d: not reported", n)
-    metrics["gen_fps"] = generation_speed(parts, *first, horizon, sampling, bf16)
+    metrics["gen_fps"] = generation_speed(world, *first, horizon, sampling, bf16)
 
-    label = "latent actions" if parts.action_source == "latent" else "true actions"
+    label = "latent actions" if world.action_source == "latent" else "true actions"
     horizons = list(range(1, span.stop - span.start + 1))  # pixel frames after the context
     media = {
         "next_frame_grid": save_grid(list(shown["next"]), run_dir / "next_frame.png"),

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
 from worldmodel.models.st_transformer import KVCache, STTransformer, init_weights
 
@@ -91,7 +92,7 @@ class DynamicsCache:
         return self.tokens.shape[1]
 
 
-class DynamicsModel(nn.Module):
+class DynamicsModel(nn.Module, WorldModel):
     """MaskGIT space-time transformer over video tokens with per-frame action conditioning."""
 
     def __init__(

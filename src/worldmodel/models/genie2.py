@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
 from worldmodel.models.st_transformer import KVCache, STTransformer, init_weights
@@ -139,7 +140,7 @@ class LatentQuantizer(nn.Module):
         return rearrange(self.vq.indices_to_codes(indices), "b c t h w -> b t c h w")
 
 
-class Genie2WorldModel(nn.Module):
+class Genie2WorldModel(nn.Module, WorldModel):
     """Latent VQ + causal space-time transformer over frame codes, with action sets and CFG.
 
     Sizes: `latent_dim` = the frozen tokenizer's latent width D; `grid` = its (h, w) per frame;
@@ -148,6 +149,9 @@ class Genie2WorldModel(nn.Module):
     transformer (see `STTransformer`). Loss weights: `rec_weight` (latent reconstruction),
     `quantizer_weight` (VQ commitment), `label_smoothing` of the code cross-entropy.
     """
+
+    inputs = "latents"
+    own_codes = True
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import LatentActions
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import STTransformer, init_weights
 
@@ -36,7 +37,7 @@ def _pair(value: int | list[int] | tuple[int, int]) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-class LatentActionModel(nn.Module):
+class LatentActionModel(nn.Module, LatentActions):
     """Encoder -> tiny-codebook latent actions -> causal next-frame decoder, on pixel patches."""
 
     def __init__(

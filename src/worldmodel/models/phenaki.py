@@ -54,7 +54,9 @@ from einops import rearrange, repeat
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from worldmodel.data.captions import captions_from_actions
 from worldmodel.models.dynamics import SCHEDULES, masked_counts
+from worldmodel.models.interfaces import TokenModel, WorldModel
 from worldmodel.models.sampling import gumbel_noise
 from worldmodel.models.st_transformer import (
     Attention,
@@ -207,8 +209,10 @@ def sample_tokens(logits: Tensor, temperature: float, generator: torch.Generator
     return ids.clamp_max(logits.shape[-1] - 1)  # the cumsum may end just below u
 
 
-class PhenakiModel(nn.Module):
+class PhenakiModel(nn.Module, WorldModel):
     """Text-conditioned MaskGIT video transformer (Phenaki's generator over video tokens)."""
+
+    conditioning = "text"
 
     def __init__(
         self,
@@ -301,8 +305,6 @@ class PhenakiModel(nn.Module):
                 "the batch has no `text` and model.games is not set, so captions cannot be "
                 "rendered from its actions (use data=procgen_captions or pass text)"
             )
-        from worldmodel.data.captions import captions_from_actions
-
         return captions_from_actions(batch["actions"], self.games, batch.get("mask"))
 
     # ------------------------------------------------------------------ model
@@ -661,7 +663,7 @@ class PhenakiModel(nn.Module):
         return self.sample(text, num_frames, tokens[:, -prime_frames:], **sampling)
 
 
-class TokenCritic(nn.Module):
+class TokenCritic(nn.Module, TokenModel):
     """Token-Critic: which tokens of a video were re-sampled? A per-token binary classifier.
 
     Training (`loss`): real token clips; a cosine-distributed fraction of the tokens of each clip
@@ -680,7 +682,6 @@ class TokenCritic(nn.Module):
         dim: int = 64,
         depth: int = 2,
         heads: int = 2,
-        generator_checkpoint: str | None = None,
         num_actions: int | None = None,
     ) -> None:
         super().__init__()
@@ -702,12 +703,9 @@ class TokenCritic(nn.Module):
         self.head = nn.Linear(dim, 1)
         for mod in (self.token_emb, self.head):
             mod.apply(init_weights)
+        # the frozen generator is loaded by the pipeline (`model.pipeline.generator_checkpoint`)
+        # and handed over through `set_generator`
         self._generator: tuple[PhenakiModel, ...] = ()
-        if generator_checkpoint:
-            from worldmodel.build import load_model
-
-            gen, _, _ = load_model(generator_checkpoint)
-            self.set_generator(gen)
 
     def set_generator(self, generator: PhenakiModel | None) -> None:
         """Re-sample with this (frozen) generator; None = uniform random ids."""

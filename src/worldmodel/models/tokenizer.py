@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import Tokenizer
 from worldmodel.models.losses import (
     FrameDiscriminator,
     LPIPSLoss,
@@ -296,7 +297,7 @@ class Decoder(nn.Module):
         return self.layers(x)
 
 
-class VideoTokenizer(nn.Module):
+class VideoTokenizer(nn.Module, Tokenizer):
     """Causal 3D-CNN video tokenizer (MAGVIT-v2 style) with a pluggable quantizer.
 
     Shapes: video (B, C, T, H, W) in [-1, 1]; latents z and codes (B, D, t, h, w) with

@@ -40,6 +40,7 @@ from einops import rearrange
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.sampling import sliding_rollout
 from worldmodel.models.st_transformer import Attention, KVCache, init_weights
 from worldmodel.models.videogpt_vqvae import AxisPositions, SamePadConv3d
@@ -186,7 +187,7 @@ class VideoGPTCache:
         return self.tokens.shape[1]
 
 
-class VideoGPT(nn.Module):
+class VideoGPT(nn.Module, WorldModel):
     """Autoregressive transformer prior over (T, h, w) video tokens (VideoGPT)."""
 
     def __init__(

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.interfaces import Tokenizer
 from worldmodel.models.losses import masked_mean, psnr_per_frame
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import Attention
@@ -239,7 +240,7 @@ class Decoder(nn.Module):
         return self.layers(x)
 
 
-class VideoGPTVQVAE(nn.Module):
+class VideoGPTVQVAE(nn.Module, Tokenizer):
     """VideoGPT's VQ-VAE with the same API as `VideoTokenizer` (encode, decode, tokenize,
     detokenize, reconstruct, codebook_size, loss).
 
@@ -251,6 +252,8 @@ class VideoGPTVQVAE(nn.Module):
     an EMA codebook (the default here). Loss: `l2_weight` * MSE (VideoGPT's reconstruction loss,
     in units of the data variance of [-1, 1] pixels) + `quantizer_weight` * commitment.
     """
+
+    causal = False  # a latent frame reads the pixel frames on both sides of it
 
     def __init__(
         self,

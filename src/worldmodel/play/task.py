@@ -20,15 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.build import load_model
-from worldmodel.data.frames import parse_resolution, resize_frames
-from worldmodel.eval.world import WorldParts, load_world, pixel_val, token_val, true_action_mapping
-from worldmodel.pipeline import tokenize_frames
-from worldmodel.play.session import PlaySession, save_frames
+from worldmodel.eval.world import pixel_val, token_val, true_action_mapping
+from worldmodel.media import save_gif, save_mp4
 from worldmodel.play.terminal import MOVE_KEYS, KeyReader, help_line, run_interactive
+from worldmodel.play.typed import play_typed
+from worldmodel.runtime import resolve_device, set_threads
+from worldmodel.world import World
 
 log = logging.getLogger(__name__)
 
@@ -75,62 +74,37 @@ def play_settings(cfg: DictConfig) -> dict[str, Any]:
     return settings
 
 
-def frame_size(parts: WorldParts) -> tuple[int, int]:
-    """(H, W) of the frames the dynamics model's tokenizer was trained on."""
-    return parse_resolution(parts.config.data.resolution)
-
-
-def load_prompt(settings: dict[str, Any], size: tuple[int, int], pixels: Any) -> np.ndarray:
-    """The prompt picture (H, W, 3) uint8 at the model's frame size."""
+def load_prompt(settings: dict[str, Any], world: World, pixels: Any) -> np.ndarray:
+    """The prompt picture (H, W, 3) uint8 at the world's frame size: `play.prompt_image` or
+    validation frame `play.prompt_index` of the data."""
     if settings["prompt_image"] is not None:
-        from PIL import Image
-
-        path = Path(settings["prompt_image"])
-        if not path.is_file():
-            raise FileNotFoundError(f"play.prompt_image={path}: no such file")
-        try:
-            with Image.open(path) as image:
-                frame = np.asarray(image.convert("RGB"))
-        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError
-            raise ValueError(f"play.prompt_image={path} cannot be read as an image: {e}") from e
-        where = str(path)
-    else:
-        frames = np.load(pixels.frames_path, mmap_mode="r")
-        index = int(settings["prompt_index"])
-        if not 0 <= index < len(frames):
-            raise ValueError(
-                f"play.prompt_index={index} is outside the {len(frames)} validation frames"
-            )
-        frame = np.asarray(frames[index])
-        where = f"validation frame {index}"
-    if frame.shape[-1] == 1:
-        frame = np.repeat(frame, 3, axis=-1)
-    if frame.shape[:2] != tuple(size):
-        log.warning(
-            "prompt %s is %dx%d; resizing it to the tokenizer's %dx%d",
-            where,
-            frame.shape[0],
-            frame.shape[1],
-            *size,
+        return world.prompt_frame(settings["prompt_image"])
+    frames = np.load(pixels.frames_path, mmap_mode="r")
+    index = int(settings["prompt_index"])
+    if not 0 <= index < len(frames):
+        raise ValueError(
+            f"play.prompt_index={index} is outside the {len(frames)} validation frames"
         )
-        frame = resize_frames(frame[None], size)[0]
-    return frame
+    return world.prompt_frame(np.asarray(frames[index]))
 
 
-def true_to_model_actions(parts: WorldParts, data_cfg: DictConfig, pixels: Any) -> dict[int, int]:
+def true_to_model_actions(world: World, pixels: Any) -> dict[int, int]:
     """True action id -> model action id: the identity for a model trained on true actions, else
-    the LAM's learned mapping (empty when the data has no true actions)."""
-    if pixels.num_actions is None:
+    the LAM's learned mapping (the one the world carries, or learned from the validation split;
+    empty when the data has no true actions)."""
+    if world.action_source == "true":
+        n = pixels.num_actions if pixels is not None else world.num_actions
+        return {a: a for a in range(int(n))} if n is not None else {}
+    if world.true_to_model_actions:
+        return dict(world.true_to_model_actions)
+    if pixels is None or pixels.num_actions is None:
         return {}
-    if parts.action_source == "true":
-        return {a: a for a in range(int(pixels.num_actions))}
-    tokens = token_val(parts, data_cfg, pixels)
-    found = true_action_mapping(pixels, tokens, parts.num_actions)
+    found = true_action_mapping(pixels, token_val(world, pixels), world.num_actions)
     return {} if found is None else found[1]
 
 
 def scripted_actions(
-    settings: dict[str, Any], session: PlaySession, mapping: dict[int, int], num_true: int | None
+    settings: dict[str, Any], world: World, mapping: dict[int, int], num_true: int | None
 ) -> list[int]:
     """`play.actions` as model action ids, all checked before anything is generated.
 
@@ -146,7 +120,7 @@ def scripted_actions(
             raise ValueError(f"play.actions holds {a!r}: action ids must be integers")
     if settings["action_space"] == "latent":
         for a in requested:
-            session.check_action(a)
+            world.check_action(a)
         return requested
     if not mapping or num_true is None:
         raise ValueError("play.action_space=true needs data with true actions (none recorded)")
@@ -180,59 +154,61 @@ def key_actions(
     return keys, moves
 
 
+def save_frames(frames: list[np.ndarray], run_dir: Path, fps: float, scale: int) -> dict[str, Path]:
+    """play.gif and play.mp4 of uint8 frames (H, W, 3)."""
+    video = np.stack(frames)  # (T, H, W, 3)
+    return {
+        "gif": save_gif(video, run_dir / "play.gif", fps=fps, scale=scale),
+        "mp4": save_mp4(video, run_dir / "play.mp4", fps=fps, scale=scale),
+    }
+
+
 def play(cfg: DictConfig) -> dict[str, Any]:
-    """Run `task=play`; returns what it writes to play.json."""
+    """Run `task=play` on a world (a world file, a run folder or a checkpoint); returns what it
+    writes to play.json."""
     settings = play_settings(cfg)
-    threads = settings["threads"] or cfg.trainer.get("threads")
-    if threads:
-        torch.set_num_threads(int(threads))
-    model, _, state = load_model(cfg.checkpoint)
-    parts = load_world(model, state)
+    set_threads(settings["threads"] or cfg.trainer.get("threads"))
+    device = resolve_device(cfg.trainer.get("accelerator", "cpu"))
+    world = World.load(cfg.checkpoint, device, settings["precision"])
+    world.configure(int(settings["steps"]), float(settings["temperature"]), int(settings["seed"]))
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     need_mapping = settings["interactive"] or settings["action_space"] == "true"
-    pixels = pixel_val(cfg.data) if need_mapping or settings["prompt_image"] is None else None
-    mapping = true_to_model_actions(parts, cfg.data, pixels) if need_mapping else {}
-
-    prompt = load_prompt(settings, frame_size(parts), pixels)
-    if hasattr(model, "decode_pixels"):  # genie2: its own codes, typed action sets per step
-        from worldmodel.play.typed import play_typed
-
-        return play_typed(cfg, parts, prompt, settings)
-    grid = tokenize_frames(parts.tokenizer, prompt[None].copy())  # (1, h, w)
-    tokens = torch.from_numpy(grid).long()
-    session = PlaySession(
-        parts,
-        tokens[0],
-        steps=int(settings["steps"]),
-        temperature=float(settings["temperature"]),
-        seed=int(settings["seed"]),
-        bf16=settings["precision"] == "bf16",
+    need_data = settings["prompt_image"] is None or (
+        need_mapping and not world.true_to_model_actions
     )
+    pixels = pixel_val(cfg.data) if need_data else None
+    mapping = true_to_model_actions(world, pixels) if need_mapping else {}
+
+    prompt = load_prompt(settings, world, pixels)
+    if world.dynamics.inputs == "latents":  # its own codes, typed action sets per step
+        return play_typed(cfg, world, prompt, settings)
+    world.reset(prompt)
     if settings["interactive"]:
-        keys, moves = key_actions(settings, cfg.data, mapping, session.num_actions)
-        legend = help_line(session.num_actions, moves, parts.action_source)
-        frames, actions = run_interactive(session, keys, legend, KeyReader())
+        keys, moves = key_actions(settings, cfg.data, mapping, world.num_actions)
+        legend = help_line(world.num_actions, moves, world.action_source)
+        frames, actions = run_interactive(world, keys, legend, KeyReader())
     else:
         num_true = None if pixels is None else pixels.num_actions
-        actions = scripted_actions(settings, session, mapping, num_true)
+        actions = scripted_actions(settings, world, mapping, num_true)
         for action in actions:
-            session.step(action)
-        frames = session.frames
+            world.step(action)
+        frames = world.frames
     files = save_frames(frames, run_dir, float(settings["fps"]), int(settings["scale"]))
     result = {
         "checkpoint": str(Path(cfg.checkpoint).resolve()),
         "prompt": settings["prompt_image"] or f"validation frame {settings['prompt_index']}",
-        "action_source": parts.action_source,
+        "action_source": world.action_source,
         "action_space": settings["action_space"],
         "requested_actions": list(settings["actions"]) if not settings["interactive"] else None,
         "actions": actions,
         "true_to_model_actions": {str(k): v for k, v in mapping.items()},
         "num_frames": len(frames),
-        "frames_per_s": session.frames_per_second(),
-        "steps": session.steps,
-        "temperature": session.temperature,
+        "frames_per_s": world.frames_per_second(),
+        "steps": world.steps,
+        "temperature": world.temperature,
         "precision": settings["precision"],
+        "device": str(world.device),
         "files": {k: v.name for k, v in files.items()},
     }
     path = run_dir / "play.json"

@@ -25,7 +25,7 @@ from typing import IO
 
 import numpy as np
 
-from worldmodel.play.session import PlaySession
+from worldmodel.world import World
 
 UPPER_HALF = "\u2580"
 RESET = "\x1b[0m"
@@ -155,7 +155,7 @@ def help_line(num_actions: int, moves: dict[str, tuple[int, int]], source: str) 
 
 
 def run_interactive(
-    session: PlaySession,
+    session: World,
     key_actions: dict[str, int],
     legend: str,
     reader: KeyReader | None = None,

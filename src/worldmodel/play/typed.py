@@ -28,7 +28,10 @@ from typing import IO, Any
 
 import numpy as np
 import torch
+from einops import rearrange
 from torch import Tensor, nn
+
+from worldmodel.media import save_gif, to_uint8
 
 QUIT = frozenset({"q", "quit", "exit"})
 # movements of procgen's 15 buttons (env.get_combos); `jump` is `up` in the platform games
@@ -94,8 +97,6 @@ def run_typed(
     frames_per_s, files}.
     """
     from PIL import Image
-
-    from worldmodel.media import save_gif
 
     stream = sys.stdin if stream is None else stream
     out = sys.stdout if out is None else out
@@ -175,10 +176,6 @@ def run_typed(
 def genie2_world(model: nn.Module, tokenizer: nn.Module, prompt: np.ndarray, **sampling: Any):
     """A `TypedWorld` for a genie2 model: the prompt picture (H, W, 3) uint8 goes through the
     frozen tokenizer's encoder and the model's own quantizer; codes decode through both back."""
-    from einops import rearrange
-
-    from worldmodel.media import to_uint8
-
     video = torch.from_numpy(prompt.copy()).permute(2, 0, 1).float().div(127.5).sub(1)
     with torch.no_grad():
         z = tokenizer.encode(video[None, :, None])  # (1, D, 1, h, w)
