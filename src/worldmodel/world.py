@@ -20,6 +20,7 @@ stream, so a replay of the same actions gives the same frames.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -606,3 +607,26 @@ def read_world_metadata(path: str | Path) -> dict[str, Any]:
     meta["configs"] = json.loads(meta["configs"])
     meta["true_to_model_actions"] = json.loads(meta.get("true_to_model_actions", "{}"))
     return meta
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m worldmodel.world SOURCE OUT.safetensors [--half]`: export a world."""
+    parser = argparse.ArgumentParser(
+        prog="python -m worldmodel.world",
+        description="Export a trained world (tokenizer + LAM + world model) to one file.",
+    )
+    parser.add_argument("source", help="a pipeline run folder, a stage folder or a checkpoint")
+    parser.add_argument("out", help="the world file to write, e.g. coinrun.safetensors")
+    parser.add_argument("--half", action="store_true", help="store weights as float16")
+    args = parser.parse_args(argv)
+    world = World.load(args.source)
+    out = world.export(args.out, half=args.half)
+    size_mb = out.stat().st_size / 2**20
+    print(
+        f"wrote {out} ({size_mb:.2f} MB): {type(world.dynamics).__name__} on "
+        f"{world.action_source} actions"
+    )
+
+
+if __name__ == "__main__":
+    main()
