@@ -10,7 +10,7 @@ PY := .venv/bin/python
 EXP ?= demo
 ARGS ?=
 
-.PHONY: setup demo test test-fast lint format bench sweep clean
+.PHONY: setup demo test test-fast gpu-check lint format bench sweep clean
 
 setup:
 	@set -euo pipefail; \
@@ -34,6 +34,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(ARGS)
+
+# Trains, evaluates and plays every model on cuda, nccl DDP and torch.compile; skips without a GPU.
+gpu-check: setup
+	$(PY) -m pytest -m gpu -rs tests/test_gpu.py $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check .
