@@ -1,4 +1,4 @@
-"""Tests for eval/metrics.py and eval/fvd.py against hand-computed values."""
+"""Tests for worldmodel/metrics.py, eval/metrics.py and eval/fvd.py against hand-computed values."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+from worldmodel import metrics as shared
+from worldmodel.eval import metrics as M
 from worldmodel.eval.fvd import (
     FeatureStats,
     I3DFeatures,
@@ -21,17 +23,31 @@ from worldmodel.eval.fvd import (
 from worldmodel.eval.metrics import (
     MSE_FLOOR,
     LPIPSMetric,
+    RunningMeans,
     action_agreement,
     action_mapping,
+    bootstrap_ci,
+    changing_mask,
+    clustered_stderr,
     codebook_stats,
     confusion_matrix,
     delta_psnr,
+    frame_mse,
+    lam_alignment,
     load_lpips_network,
+    load_lpips_weights,
     normalized_mutual_information,
+    paired_difference,
+    pooled_psnr,
     psnr,
+    psnr_from_mse,
+    purity,
+    rollout_errors,
+    rollout_psnr_summary,
     rollout_psnr_vs_horizon,
     ssim,
 )
+from worldmodel.models.losses import psnr_per_frame
 
 
 def _video(b=2, c=3, t=4, h=16, w=16, seed=0) -> torch.Tensor:
@@ -68,7 +84,7 @@ def test_psnr_constant_offset_hand_computed():
 
 def test_psnr_mask_and_images():
     torch.manual_seed(0)
-    x = _video()
+    x = _video() * 0.5
     pred = x.clone()
     pred[:, :, :2] += 0.1  # 26.02 dB
     pred[:, :, 2:] += 0.2  # 20.00 dB
@@ -80,7 +96,7 @@ def test_psnr_mask_and_images():
 
 def test_rollout_psnr_vs_horizon():
     torch.manual_seed(0)
-    x = _video(t=3)
+    x = _video(t=3) * 0.5
     pred = x.clone()
     for t, offset in enumerate([0.01, 0.1, 0.2]):
         pred[:, :, t] += offset
@@ -99,6 +115,47 @@ def test_ssim_identical_and_noisy():
     value = ssim((x + 0.3 * noise).clamp(-1, 1), x).item()
     noisier = ssim((x + 0.6 * noise).clamp(-1, 1), x).item()
     assert 0.0 < noisier < value < 0.95
+
+
+def test_one_implementation_shared_by_training_and_eval():
+    for name in ("psnr", "ssim", "frame_mse", "psnr_from_mse", "codebook_stats", "LPIPSMetric"):
+        assert getattr(M, name) is getattr(shared, name)
+    x = _video() * 0.5
+    pred = x + 0.1
+    frames = (pred[:, :, 0], x[:, :, 0])
+    torch.testing.assert_close(psnr_per_frame(*frames), psnr(*frames, reduction="none"))
+
+
+def test_psnr_clamps_both_inputs_to_the_frame_range():
+    x = torch.full((1, 3, 2, 8, 8), 0.9)
+    # A decoder overshooting to 1.5 is scored as displayed (1.0): error 0.1, not 0.6.
+    overshoot = torch.full_like(x, 1.5)
+    assert psnr(overshoot, x).item() == pytest.approx(10 * math.log10(4 / 0.01), abs=1e-3)
+    torch.testing.assert_close(frame_mse(overshoot, x), torch.full((1, 2), 0.01))
+    assert psnr_from_mse(0.01).item() == pytest.approx(10 * math.log10(400.0), abs=1e-4)
+    assert psnr_from_mse(0.0).item() == pytest.approx(10 * math.log10(4.0 / MSE_FLOOR), rel=1e-5)
+
+
+def test_ssim_matches_torchmetrics():
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    x = _video(h=24, w=20)
+    noisy = (x + 0.4 * torch.randn_like(x)).clamp(-1, 1)
+    ours = ssim(noisy, x, reduction="none")  # (2, 4)
+    frames = [v.transpose(1, 2).reshape(-1, 3, 24, 20).add(1).div(2) for v in (noisy, x)]
+    ref = structural_similarity_index_measure(*frames, data_range=1.0, reduction="none")
+    torch.testing.assert_close(ours.flatten(), ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="11x11"):
+        ssim(x[..., :10], x[..., :10])
+
+
+def test_running_means_weight_by_count():
+    means = RunningMeans()
+    means.add("psnr", torch.tensor(20.0), 3)
+    means.add("psnr", 30.0, 1)
+    means.update({"ssim": 0.5, "lpips": torch.tensor(0.2)}, n=2)
+    means.add("skipped", 1.0, 0)
+    assert means.result() == pytest.approx({"psnr": 22.5, "ssim": 0.5, "lpips": 0.2})
 
 
 # ---------------------------------------------------------------- LPIPS
@@ -166,6 +223,18 @@ def test_lpips_weights_path_round_trip(tmp_path):
         bad = tmp_path / "bad.pth"
         torch.save({"features.0.weight": state["features.0.weight"]}, bad)
         load_lpips_network("alex", str(bad))
+
+
+def test_lpips_whole_state_dict_is_loaded_strictly(random_lpips):
+    net = load_lpips_network("alex", random_init=True)
+    state = random_lpips.lpips.state_dict()
+    load_lpips_weights(net, state)
+    torch.testing.assert_close(net.net.slice1[0].weight, random_lpips.lpips.net.slice1[0].weight)
+    incomplete = {k: v for k, v in state.items() if not k.startswith("lin0.")}
+    with pytest.raises(RuntimeError, match="lin0"):
+        load_lpips_weights(net, incomplete)
+    with pytest.raises(RuntimeError, match="extra"):
+        load_lpips_weights(net, {**state, "extra.weight": torch.zeros(1)})
 
 
 def test_lpips_stays_in_eval_mode(random_lpips):
@@ -240,6 +309,149 @@ def test_nmi_permutation_independent_and_hand_case():
     # Constant labelings: both constant -> 1, one constant -> 0.
     assert normalized_mutual_information(torch.zeros(5), torch.ones(5)) == 1.0
     assert normalized_mutual_information(torch.zeros(4), torch.tensor([0, 1, 0, 1])) == 0.0
+
+
+# ---------------------------------------------------------------- honest baselines
+
+
+def test_changing_mask_finds_repeated_frames():
+    video = _video(b=2, t=4)
+    video[0, :, 2] = video[0, :, 1]  # an exact repeat
+    video[1, :, 3] = video[1, :, 2] + 0.5 / 255  # below half an 8-bit level: unchanged
+    video[1, 0, 1, 3, 3] = video[1, 0, 0, 3, 3] + 0.5  # one pixel moves: changed
+    mask = changing_mask(video[:, :, :-1], video[:, :, 1:])
+    assert mask.tolist() == [[True, False, True], [True, True, False]]
+    assert changing_mask(video[:, :, 0], video[:, :, 2]).shape == (2,)
+
+
+def test_pooled_psnr_is_psnr_of_mean_mse():
+    mse = torch.tensor([[0.01, 0.0], [0.03, 0.04]])
+    mask = torch.tensor([[True, False], [True, True]])
+    # Frames 0.01, 0.03, 0.04 -> mean MSE 0.08 / 3; the exact frame is left out.
+    expected = 10 * math.log10(4 / (0.08 / 3))
+    assert pooled_psnr(mse, mask).item() == pytest.approx(expected, abs=1e-4)
+    curve = pooled_psnr(mse, mask, dim=0)  # per horizon: mean(0.01, 0.03), 0.04
+    torch.testing.assert_close(
+        curve, torch.tensor([10 * math.log10(4 / 0.02), 10 * math.log10(4 / 0.04)])
+    )
+    # With the exact frame, a per-frame PSNR mean is dominated by the floored ~106 dB.
+    assert psnr_from_mse(mse).mean().item() > 40 > pooled_psnr(mse).item()
+    assert torch.isnan(pooled_psnr(mse, torch.zeros_like(mask)))
+    assert torch.isnan(pooled_psnr(mse, torch.tensor([[False, False], [True, False]]), 0)[1])
+
+
+def test_rollout_errors_and_summary_on_a_static_scene():
+    """Half the frames repeat: copying the previous frame looks perfect on the floored per-frame
+    mean, but on changing frames it scores what it really gets."""
+    torch.manual_seed(0)
+    b, t, context = 4, 6, 2
+    video = _video(b=b, t=t) * 0.5
+    video[:, :, 2] = video[:, :, 1]  # horizon 0 repeats the last context frame
+    video[:, :, 4] = video[:, :, 3]  # horizon 2 repeats horizon 1
+    pred = video[:, :, context:] + 0.05  # a model that is 0.05 off everywhere
+    errors = rollout_errors(pred, video, context)
+    assert errors["changing"].tolist() == [[False, True, False, True]] * b
+    torch.testing.assert_close(errors["model"], torch.full((b, 4), 0.0025))
+    assert errors["copy_previous"][:, 0].max().item() == 0.0 == errors["copy_context"][:, 0].max()
+    assert (errors["copy_context"][:, 1:] > 0).all()
+    summary = rollout_psnr_summary(errors)
+    assert summary["changing_fraction"] == pytest.approx(0.5)
+    assert summary["changing_frames"] == 2 * b
+    assert summary["model_psnr"] == pytest.approx(10 * math.log10(4 / 0.0025), abs=1e-3)
+    copy_changing = errors["copy_previous"][:, 1::2].double().mean().item()
+    assert summary["copy_previous_psnr"] == pytest.approx(10 * math.log10(4 / copy_changing), 1e-4)
+    floored_mean = psnr(video[:, :, 1:-1], video[:, :, 2:]).item()
+    assert summary["copy_previous_psnr"] < 15 < 42 < floored_mean
+    assert math.isnan(summary["model_psnr_curve"][0])
+    assert len(summary["copy_context_psnr_curve"]) == 4
+    # Padding frames never count as changing.
+    mask = torch.ones(b, t, dtype=torch.bool)
+    mask[0, 5:] = False
+    changing = rollout_errors(pred, video, context, mask=mask)["changing"]
+    assert changing[0].tolist() == [False, True, False, False]
+    with pytest.raises(ValueError, match="at least"):
+        rollout_errors(pred, video[:, :, :5], context)
+
+
+# ---------------------------------------------------------------- clustered errors
+
+
+def test_clustered_stderr_hand_computed():
+    # mean 3, residuals -2, 0, -1, 3; cluster sums -2, 2; SE^2 = 2/1 * 8 / 16 = 1.
+    values = torch.tensor([1.0, 3.0, 2.0, 6.0])
+    assert clustered_stderr(values, ["a", "a", "b", "b"]).item() == pytest.approx(1.0)
+    # Every value its own cluster: the usual std (ddof 1) / sqrt(N).
+    torch.manual_seed(0)
+    x = torch.randn(30, 3)
+    torch.testing.assert_close(
+        clustered_stderr(x, torch.arange(30)), x.double().std(0) / math.sqrt(30)
+    )
+    # Duplicated clips of an episode add no information: same SE as the episode means.
+    means = torch.tensor([1.0, 3.0, 2.5])
+    dup = means.repeat_interleave(4)
+    episodes = torch.arange(3).repeat_interleave(4)
+    assert clustered_stderr(dup, episodes).item() == pytest.approx(
+        means.double().std().item() / math.sqrt(3)
+    )
+    assert clustered_stderr(dup, episodes).item() > 1.5 * dup.double().std().item() / math.sqrt(12)
+    assert torch.isnan(clustered_stderr(values, [7, 7, 7, 7]))
+
+
+def test_paired_difference_and_clustered_delta_psnr():
+    a = torch.tensor([[20.0, 18.0], [22.0, 19.0], [21.0, 17.0], [23.0, 16.0]])
+    b = torch.tensor([[19.0, 18.0], [20.0, 18.0], [21.0, 15.0], [21.0, 15.0]])
+    out = paired_difference(a, b, clusters=[0, 0, 1, 1])
+    assert out["n"] == 4 and out["clusters"] == 2
+    # horizon 0: differences 1, 2, 0, 2 -> mean 1.25, residuals -.25, .75, -1.25, .75,
+    # cluster sums .5, -.5 -> SE^2 = 2 * .5 / 16.
+    torch.testing.assert_close(out["mean"][0], torch.tensor(1.25, dtype=torch.float64))
+    assert out["stderr"][0].item() == pytest.approx(math.sqrt(2 * 0.5 / 16))
+    delta = delta_psnr(a, b, clusters=[0, 0, 1, 1])
+    torch.testing.assert_close(delta["stderr"], out["stderr"])
+    assert delta["clusters"] == 2
+    assert delta_psnr(a, b)["clusters"] == 4  # default: every clip its own cluster
+
+
+def test_bootstrap_ci_by_episode():
+    torch.manual_seed(0)
+    episode_means = torch.randn(40)
+    values = (episode_means.repeat_interleave(5) + 0.1 * torch.randn(200)).double()
+    episodes = torch.arange(40).repeat_interleave(5)
+    low, high = bootstrap_ci(values, episodes, num_resamples=400, seed=1)
+    assert low < values.mean().item() < high
+    assert bootstrap_ci(values, episodes, num_resamples=400, seed=1) == (low, high)
+    # The width follows the episode-level spread (~1.96 * 2 * SE), not the naive per-clip one.
+    se = clustered_stderr(values, episodes).item()
+    assert 0.7 * 3.92 * se < high - low < 1.3 * 3.92 * se
+    # Any statistic of whole rows, e.g. a pooled PSNR over (sum of MSE, frame count) rows.
+    rows = torch.stack([torch.full((200,), 0.02), torch.ones(200)], dim=1)
+    low, high = bootstrap_ci(
+        rows, episodes, statistic=lambda r: psnr_from_mse(r[:, 0].sum() / r[:, 1].sum())
+    )
+    assert low == pytest.approx(10 * math.log10(200), abs=1e-3) == high
+
+
+# ---------------------------------------------------------------- latent actions vs chance
+
+
+def test_purity_and_lam_alignment_with_chance_levels():
+    torch.manual_seed(0)
+    true = torch.randint(0, 4, (400,))
+    true[:100] = 0  # action 0 is the majority
+    majority = torch.bincount(true).max().item() / 400
+    collapsed = lam_alignment(true, torch.zeros(400, dtype=torch.long))
+    assert collapsed["nmi"] == 0.0 == collapsed["nmi_chance"]
+    assert collapsed["purity"] == pytest.approx(majority) == collapsed["purity_chance"]
+    assert collapsed["majority_share"] == pytest.approx(majority)
+    perfect = lam_alignment(true, (true + 2) % 4)
+    assert perfect["nmi"] == pytest.approx(1.0) and perfect["purity"] == 1.0
+    assert perfect["nmi_chance"] < 0.05 and perfect["purity_chance"] < majority + 0.05
+    # Many codes for few samples: purity is high by chance alone, the chance level shows it.
+    many = lam_alignment(true[:40], torch.arange(40) % 32)
+    assert many["purity"] > 0.8 and many["purity_chance"] > 0.8
+    # Unknown actions are dropped; purity reads codes -> majority action.
+    assert purity(torch.tensor([0, 0, 1, -1]), torch.tensor([5, 5, 5, 2])) == pytest.approx(2 / 3)
+    assert lam_alignment(true, true, seed=3) == lam_alignment(true, true, seed=3)
 
 
 # ---------------------------------------------------------------- FVD

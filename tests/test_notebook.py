@@ -43,7 +43,7 @@ def test_ablation_notebook_reads_a_sweep(tmp_path, monkeypatch):
         "eval.after_train=true",
         "eval.batches=1",
         "eval.media_samples=2",
-        "model.lr=1e-3,3e-3",
+        "optim.lr=1e-3,3e-3",
         "model.quantizer.levels=[8,5,5,5],[8,8,8,5,5,5]",
         f"hydra.sweep.dir={sweep_dir}",
         "hydra.sweep.subdir=${hydra.job.num}",
@@ -65,7 +65,7 @@ def test_ablation_notebook_reads_a_sweep(tmp_path, monkeypatch):
         for c in nb.cells
         for o in c.get("outputs", [])
     )
-    assert "4 runs; swept: model.lr, model.quantizer.levels" in text
+    assert "4 runs; swept: optim.lr, model.quantizer.levels" in text
 
     with open(sweep_dir / "ablation.csv") as f:
         table = {row["run"]: row for row in csv.DictReader(f)}
@@ -80,7 +80,7 @@ def test_ablation_notebook_reads_a_sweep(tmp_path, monkeypatch):
         evaluated = json.loads((run / "eval.json").read_text())["metrics"]["psnr"]
         assert float(row["eval/psnr"]) == pytest.approx(evaluated)
         psnr[run.name] = last_val["val/psnr"]
-    assert {row["model.lr"] for row in table.values()} == {"0.001", "0.003"}
+    assert {row["optim.lr"] for row in table.values()} == {"0.001", "0.003"}
     assert {row["model.quantizer.levels"] for row in table.values()} == {
         "[8, 5, 5, 5]",
         "[8, 8, 8, 5, 5, 5]",

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 
@@ -119,3 +120,89 @@ def test_sigterm_saves_stops_the_command_and_the_run_resumes(tmp_path):
     run_py(*args[:-3], "trainer.max_steps=" + str(stopped + 3), "eval.after_train=true")
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     assert max(steps) == stopped + 3 and (tmp_path / "eval.json").is_file()
+
+
+def test_torchrun_sets_the_process_count_and_one_run_folder(tmp_path):
+    """The README's torchrun command without `trainer.devices`: torchrun's WORLD_SIZE decides,
+    and both processes write to the one run folder `outputs/<date>/<time>_<name>`."""
+    from worldmodel.train import checkpoint as ckpt
+    from worldmodel.train.dist import free_port
+
+    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env.pop("WORLDMODEL_RUN_STAMP", None)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}",
+            str(ROOT / "run.py"),
+            "experiment=smoke_tokenizer",
+            "logger=none",
+            "trainer.max_steps=4",
+            "trainer.val_at_start=false",
+            "trainer.val_every=4",
+            "trainer.val_batches=1",
+            "trainer.media_every=100",
+            "trainer.threads=1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (tmp_path / "outputs").glob("*/*")  # one folder for both processes
+    assert run_dir.name.endswith("_smoke_tokenizer")
+    state = ckpt.load(run_dir / "checkpoints" / "last.pt")
+    assert state["step"] == 4 and state["config"]["trainer"]["devices"] == 2
+
+
+def test_processes_of_one_torchrun_agree_on_the_run_folder():
+    """The first process's clock, kept in the store torchrun's agent serves, names the folder."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from worldmodel.train.dist import RUN_STAMP, share_run_stamp
+
+    agent = TCPStore(
+        "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10)
+    )
+    torchrun = {
+        "TORCHELASTIC_RUN_ID": "none",
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(agent.port),
+    }
+    stamps = []
+    for rank in (1, 0):  # whichever asks first decides
+        environ = {**torchrun, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        stamps.append(share_run_stamp(environ, timeout_s=10))
+        assert environ[RUN_STAMP] == stamps[-1]
+    assert stamps[0] == stamps[1] == agent.get("worldmodel/run_stamp").decode()
+    assert len(stamps[0]) == len("2001-02-03/04-05-06")
+    assert share_run_stamp({}) is None  # no launcher: Hydra's own clock
+    assert share_run_stamp({RUN_STAMP: "x"}) == "x"
+    with pytest.raises(RuntimeError, match="partial distributed environment"):
+        share_run_stamp({"TORCHELASTIC_RUN_ID": "none", "RANK": "0"})
+    with pytest.raises(RuntimeError, match="hydra.run.dir"):
+        share_run_stamp(
+            {**torchrun, "RANK": "0", "LOCAL_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "False"}
+        )
+
+
+def test_cluster_slurm_without_multirun_stops_and_says_how(tmp_path):
+    out = run_py(
+        "cluster=slurm", "experiment=smoke_tokenizer", f"hydra.run.dir={tmp_path}", check=False
+    )
+    assert out.returncode != 0
+    assert "cluster=slurm submits jobs through Hydra's launcher, which only runs with -m" in (
+        out.stderr
+    )
+    assert "python run.py -m cluster=slurm" in out.stderr
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -208,7 +208,7 @@ def _result(sweep_dir: Path, job: str, task: int):
 def sweep(slurm, tmp_path_factory):
     """(a) One job per learning rate; each finishes and writes its metrics."""
     sweep_dir = tmp_path_factory.mktemp("sweep") / "lr"
-    run = Sweep(slurm, sweep_dir, [*COMMON, f"model.lr={','.join(LRS)}"])
+    run = Sweep(slurm, sweep_dir, [*COMMON, f"optim.lr={','.join(LRS)}"])
     ids = run.job_ids(2)
     run.wait()
     return sweep_dir, ids, {float(lr): d for lr, d in zip(LRS, run.run_dirs())}
@@ -223,7 +223,7 @@ def test_sweep_submits_one_job_per_value(slurm, sweep):
         assert f"lr: {lr}" in config
         assert sorted(_losses(run_dir)) == list(range(1, 21))
         state = ckpt.load(run_dir / "checkpoints" / "last.pt")
-        assert state["step"] == 20 and state["config"]["model"]["lr"] == lr
+        assert state["step"] == 20 and state["config"]["optim"]["lr"] == lr
     for job in ids:
         assert isinstance(_result(sweep_dir, job, 0), float)  # the last validation loss
     # The runs differ by their learning rate only, and it shows.
@@ -235,7 +235,7 @@ def test_sweep_submits_one_job_per_value(slurm, sweep):
 def test_two_slurm_tasks_train_with_ddp(slurm, sweep, tmp_path):
     sweep_dir, _, runs = sweep
     run = Sweep(
-        slurm, tmp_path / "ddp", [*COMMON, f"model.lr={LRS[0]}", "cluster.tasks_per_node=2"]
+        slurm, tmp_path / "ddp", [*COMMON, f"optim.lr={LRS[0]}", "cluster.tasks_per_node=2"]
     )
     (job,) = run.job_ids(1)
     run.wait()
@@ -278,7 +278,7 @@ def test_preempted_job_requeues_and_resumes_exactly(slurm, sweep, tmp_path):
     reference = _losses(runs[float(LRS[1])])
     sweep_dir = tmp_path / "preempt"
     # No periodic checkpoints: the only ones before the end are those the signals caused.
-    run = Sweep(slurm, sweep_dir, [*COMMON, f"model.lr={LRS[1]}", "trainer.ckpt_every=1000"])
+    run = Sweep(slurm, sweep_dir, [*COMMON, f"optim.lr={LRS[1]}", "trainer.ckpt_every=1000"])
     (job,) = run.job_ids(1)
     rng = random.Random(0)
 

@@ -1,24 +1,36 @@
 """Config helpers: the one `instantiate` every object goes through, and `validate`.
 
 `validate(cfg)` runs before any work. It rejects impossible settings with a message that names the
-offending keys, and fills in the values that follow from others (per-process micro-batch, the token
-grid of a tokenizer).
+offending keys, and fills in the values that follow from others (the process count a launcher
+started, the per-process micro-batch). A model's own checks live with the model: a class with a
+`check_config(model_cfg, data_cfg, eval_cfg) -> list[str]` is asked through its `_target_`; the
+shared pieces those checks use (`resolution`, `quantizer_problems`) are here, and this module
+imports nothing of the package, so models may import it.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import os
+from collections.abc import Mapping
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-# Keys a model or data group may hold that are not constructor arguments: they configure the
-# optimizer or the pipeline around the model, or name the option.
-RESERVED_KEYS = ("name", "lr", "weight_decay", "betas", "warmup_steps", "pipeline")
-TASKS = ("train", "eval", "play", "pipeline")
+# Keys a model or data group may hold that are not constructor arguments: the option's name and
+# the pipeline around the model.
+RESERVED_KEYS = ("name", "pipeline")
+# Optimizer settings lived in the model config before the `optim` group: checkpoints written then
+# still hold them, so building a model from a stored config drops them; `validate` rejects them.
+FORMER_OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_steps")
+TASKS = ("train", "eval", "play", "pipeline", "check")
 PRECISIONS = ("fp32", "bf16")
 QUANTIZERS = ("fsq", "lfq", "vq", "rvq")
+# Launchers whose cluster config only takes effect through Hydra's multirun (`-m`).
+SWEEP_CLUSTERS = ("slurm", "submitit_local")
 
 
 class ConfigError(ValueError):
@@ -38,7 +50,7 @@ def constructor_kwargs(node: DictConfig) -> dict[str, Any]:
     kwargs = OmegaConf.to_container(node, resolve=True)
     assert isinstance(kwargs, dict)
     kwargs.pop("_target_", None)
-    for key in RESERVED_KEYS:
+    for key in (*RESERVED_KEYS, *FORMER_OPTIM_KEYS):
         kwargs.pop(key, None)
     return kwargs
 
@@ -52,14 +64,23 @@ def instantiate(node: DictConfig, **overrides: Any) -> Any:
 
 
 def optim_settings(cfg: DictConfig) -> dict[str, Any]:
-    """The optimizer settings of a run: lr, weight_decay, betas, warmup_steps (the one reader)."""
-    m, tr = cfg.model, cfg.trainer
+    """The optimizer settings of a run (the one reader of `cfg.optim`): lr, weight_decay, betas,
+    warmup_steps (`optim.warmup_steps: null` = `trainer.warmup_steps`)."""
+    o, tr = cfg.optim, cfg.trainer
+    warmup = o.get("warmup_steps")
     return {
-        "lr": float(m.lr),
-        "weight_decay": float(m.get("weight_decay", 0.0)),
-        "betas": tuple(float(b) for b in m.get("betas", (0.9, 0.99))),
-        "warmup_steps": int(m.get("warmup_steps", tr.warmup_steps)),
+        "lr": float(o.lr),
+        "weight_decay": float(o.get("weight_decay", 0.0)),
+        "betas": tuple(float(b) for b in o.get("betas", (0.9, 0.99))),
+        "warmup_steps": int(tr.warmup_steps if warmup is None else warmup),
     }
+
+
+def launcher_world_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """The number of processes a launcher started (torchrun's WORLD_SIZE), None without one."""
+    environ = os.environ if environ is None else environ
+    size = environ.get("WORLD_SIZE")
+    return int(size) if size else None
 
 
 def _check_signature(node: DictConfig, group: str, errors: list[str]) -> None:
@@ -83,7 +104,8 @@ def _check_signature(node: DictConfig, group: str, errors: list[str]) -> None:
         )
 
 
-def _resolution(data: DictConfig) -> tuple[int, int] | None:
+def resolution(data: DictConfig) -> tuple[int, int] | None:
+    """`data.resolution` (an int or [height, width]) as (height, width); None when unset."""
     res = data.get("resolution")
     if res is None:
         return None
@@ -94,45 +116,59 @@ def _resolution(data: DictConfig) -> tuple[int, int] | None:
     raise ConfigError(f"data.resolution={res!r}: expected an int or [height, width]")
 
 
-def _check_quantizer(q: DictConfig, key: str, errors: list[str]) -> None:
+# The settings each quantizer kind takes besides `kind` (those `build_quantizer` accepts; a test
+# keeps the two in step): a key of another kind is left behind when only `kind` is changed.
+_VQ_KEYS = (
+    "codebook_size",
+    "codebook_dim",
+    "decay",
+    "kmeans_init",
+    "kmeans_iters",
+    "threshold_ema_dead_code",
+    "rotation_trick",
+    "commitment_weight",
+    "use_cosine_sim",
+)
+QUANTIZER_KEYS = {
+    "fsq": ("levels",),
+    "lfq": (
+        "codebook_size",
+        "entropy_loss_weight",
+        "commitment_loss_weight",
+        "diversity_gamma",
+        "frac_per_sample_entropy",
+    ),
+    "vq": _VQ_KEYS,
+    "rvq": (*_VQ_KEYS, "num_quantizers"),
+}
+
+
+def quantizer_problems(q: DictConfig, key: str = "model.quantizer") -> list[str]:
+    """What is wrong with a quantizer node (see `models/quantize.py`), naming the keys."""
     kind = q.get("kind")
     if kind not in QUANTIZERS:
-        errors.append(f"{key}.kind={kind!r}: expected one of {', '.join(QUANTIZERS)}")
-        return
+        return [f"{key}.kind={kind!r}: expected one of {', '.join(QUANTIZERS)}"]
+    errors: list[str] = []
+    foreign = sorted(set(q) - {"kind", *QUANTIZER_KEYS[kind]})
+    if foreign:
+        errors.append(
+            f"{', '.join(f'{key}.{k}' for k in foreign)}: not a setting of a {kind} quantizer "
+            f"(choose a quantizer with {key.replace('.', '/')}=<{'|'.join(QUANTIZERS)}>, which "
+            f"replaces the node, or drop a key with ~{key}.{foreign[0]})"
+        )
     if kind == "fsq":
         levels = q.get("levels")
-        if not levels or any(int(level) < 2 for level in levels):
-            errors.append(f"{key}.levels={levels}: FSQ needs a non-empty list of levels >= 2")
+        if not levels or any(int(level) < 3 for level in levels):
+            errors.append(f"{key}.levels={levels}: FSQ needs a non-empty list of levels >= 3")
     elif kind == "lfq":
-        size = int(q.get("codebook_size", 0))
+        size = int(q.get("codebook_size") or 0)
         if size < 2 or size & (size - 1):
             errors.append(f"{key}.codebook_size={size}: LFQ needs a power of two >= 2")
     else:
-        size = int(q.get("codebook_size", 0))
+        size = int(q.get("codebook_size") or 0)
         if size < 2:
             errors.append(f"{key}.codebook_size={size}: {kind} needs at least 2 codes")
-
-
-def _check_tokenizer(model: DictConfig, data: DictConfig, errors: list[str]) -> None:
-    s = int(model.get("spatial_downsample", 1))
-    t = int(model.get("temporal_downsample", 1))
-    if s < 1 or s & (s - 1):
-        errors.append(f"model.spatial_downsample={s}: expected a power of two")
-    if t not in (1, 2, 4):
-        errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
-    res = _resolution(data)
-    if res is not None and s >= 1 and any(r % s for r in res):
-        errors.append(
-            f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
-        )
-    clip = data.get("clip_length")
-    if clip is not None and t in (2, 4) and (int(clip) - 1) % t:
-        errors.append(
-            f"data.clip_length={clip} does not fit model.temporal_downsample={t}: the first frame "
-            f"is encoded alone, so clip_length - 1 must be a multiple of {t}"
-        )
-    if "quantizer" in model:
-        _check_quantizer(model.quantizer, "model.quantizer", errors)
+    return errors
 
 
 def _check_trainer(tr: DictConfig, errors: list[str]) -> None:
@@ -161,100 +197,110 @@ def _check_trainer(tr: DictConfig, errors: list[str]) -> None:
         errors.append(f"trainer.ema_decay={tr.ema_decay}: expected null or in (0, 1)")
 
 
-def _check_cvivit(model: DictConfig, data: DictConfig, ev: DictConfig, errors: list[str]) -> None:
-    """C-ViViT learns position embeddings for one frame size and up to max_frames latent frames;
-    the clips it trains on (and is evaluated on after training) must fit both."""
-    res = _resolution(data)
+def causal_problems(tokenizer_cfg: DictConfig, key: str = "model") -> list[str]:
+    """A world model trains on whole clips of a tokenizer that compresses time
+    (`temporal_downsample` > 1); unless the tokenizer is causal (a latent frame reads no later
+    pixel frame), the tokens of its context frames encode the frames it is asked to predict.
+    `tokenizer_cfg` is the tokenizer's model config (e.g. from its checkpoint); `key` prefixes the
+    key names in the messages."""
+    cls = _target(tokenizer_cfg)
+    default = inspect.signature(cls.__init__).parameters.get("temporal_downsample")
+    t = tokenizer_cfg.get("temporal_downsample")
+    if t is None and default is not None and default.default is not inspect.Parameter.empty:
+        t = default.default
+    t = int(t or 1)
+    if t > 1 and not getattr(cls, "causal", True):
+        return [
+            f"{key}.temporal_downsample={t} with {key}._target_={tokenizer_cfg._target_}: "
+            f"{cls.__name__} is not causal (its first latent frame encodes the {t - 1} frames "
+            "after it), so a world model's context tokens would hold its targets; train the "
+            f"tokenizer with {key}.temporal_downsample=1 or use a causal one"
+        ]
+    return []
+
+
+def _check_model(cfg: DictConfig, errors: list[str]) -> None:
+    """The model's own checks (`check_config` on its class), the former optimizer keys."""
+    model = cfg.model
+    for key in FORMER_OPTIM_KEYS:
+        if key in model:
+            errors.append(f"model.{key}: optimizer settings are in the optim group (optim.{key})")
+    if model is None or "_target_" not in model:
+        return
     try:
-        size = _resolution(OmegaConf.create({"resolution": model.get("image_size")}))
+        cls = _target(model)
     except ConfigError:
-        errors.append(f"model.image_size={model.get('image_size')}: expected an int or [H, W]")
-        size = None
-    if res is not None and size is not None and size != res:
-        errors.append(f"model.image_size={list(size)} must equal data.resolution={list(res)}")
-    t, frames = int(model.get("temporal_downsample", 1)), int(model.get("max_frames", 16))
-    for key, clip in (
-        ("data.clip_length", data.get("clip_length")),
-        ("eval.clip_length", ev.get("clip_length")),
+        return  # reported by _check_signature
+    check = getattr(cls, "check_config", None)
+    if callable(check):
+        errors.extend(check(model, cfg.data, cfg.eval))
+
+
+def _check_optim(o: DictConfig | None, errors: list[str]) -> None:
+    if o is None:
+        errors.append("optim: missing (conf/optim: the optimizer settings)")
+        return
+    if float(o.lr) <= 0:
+        errors.append(f"optim.lr={o.lr}: expected > 0")
+    if float(o.get("weight_decay", 0.0)) < 0:
+        errors.append(f"optim.weight_decay={o.weight_decay}: expected >= 0")
+    betas = o.get("betas", [0.9, 0.99])
+    if len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        errors.append(f"optim.betas={list(betas)}: expected two values in [0, 1)")
+    warmup = o.get("warmup_steps")
+    if warmup is not None and int(warmup) < 0:
+        errors.append(f"optim.warmup_steps={warmup}: expected null or >= 0")
+
+
+def _check_launch(cfg: DictConfig, errors: list[str]) -> None:
+    """A cluster that submits through Hydra's launcher does nothing without `-m`: the run would
+    train here, in this process, instead."""
+    name = (cfg.get("cluster") or {}).get("name")
+    if (
+        name in SWEEP_CLUSTERS
+        and HydraConfig.initialized()
+        and HydraConfig.get().mode != RunMode.MULTIRUN
     ):
-        if clip is None or t < 1:
-            continue
-        if (int(clip) - 1) % t:
-            if key == "eval.clip_length":  # data.clip_length: reported by _check_tokenizer
-                errors.append(
-                    f"{key}={clip} does not fit model.temporal_downsample={t}: the first frame "
-                    f"is encoded alone, so {key} - 1 must be a multiple of {t}"
-                )
-        elif 1 + (int(clip) - 1) // t > frames:
-            errors.append(
-                f"{key}={clip} makes {1 + (int(clip) - 1) // t} latent frames, more than "
-                f"model.max_frames={frames}"
-            )
-
-
-def _check_videogpt_vqvae(model: DictConfig, data: DictConfig, errors: list[str]) -> None:
-    """VideoGPT's VQ-VAE is not causal: clips split into whole groups of temporal_downsample."""
-    s = int(model.get("spatial_downsample", 4))
-    t = int(model.get("temporal_downsample", 4))
-    if s not in (2, 4, 8):
-        errors.append(f"model.spatial_downsample={s}: expected 2, 4 or 8")
-    if t not in (1, 2, 4):
-        errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
-    res = _resolution(data)
-    if res is not None and s >= 1 and any(r % s for r in res):
         errors.append(
-            f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
+            f"cluster={name} submits jobs through Hydra's launcher, which only runs with -m: "
+            f"python run.py -m cluster={name} ... (one job per run of the sweep)"
         )
-    if res is not None and _resolution(model) != res:
-        errors.append(
-            f"model.resolution={model.get('resolution')} must equal data.resolution={list(res)} "
-            "(it sizes the latent position embeddings)"
-        )
-    clip = data.get("clip_length")
-    if clip is not None and t >= 1 and int(clip) % t:
-        errors.append(f"data.clip_length={clip} is not a multiple of model.temporal_downsample={t}")
-    if clip is not None and int(clip) > int(model.get("max_frames", 16)):
-        errors.append(f"data.clip_length={clip} exceeds model.max_frames={model.max_frames}")
-    if int(model.get("channels", 240)) % int(model.get("heads", 2)):
-        errors.append(f"model.channels={model.channels} is not divisible by model.heads")
-    if "quantizer" in model:
-        _check_quantizer(model.quantizer, "model.quantizer", errors)
 
 
-def _check_videogpt(model: DictConfig, data: DictConfig, errors: list[str]) -> None:
-    """The prior's window must hold a clip, and a clip more frames than the prompt."""
-    clip, frames = data.get("clip_length"), int(model.get("max_frames", 8))
-    if clip is not None and int(clip) > frames:
-        errors.append(f"data.clip_length={clip} exceeds model.max_frames={frames}")
-    cond = int(model.get("cond_frames", 1))
-    if clip is not None and not 0 <= cond < int(clip):
-        errors.append(f"model.cond_frames={cond} must be in [0, data.clip_length={clip})")
-    if int(model.get("dim", 128)) % int(model.get("heads", 4)):
-        errors.append(f"model.dim={model.dim} is not divisible by model.heads={model.heads}")
+def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictConfig:
+    """Reject impossible settings (naming the keys) and fill in derived values, in place.
 
-
-def validate(cfg: DictConfig) -> DictConfig:
-    """Reject impossible settings (naming the keys) and fill in derived values, in place."""
+    Under a launcher (torchrun's WORLD_SIZE in `environ`, default `os.environ`) the process count
+    is the launcher's: `trainer.devices` is set to it (it only says how many processes to spawn
+    when nothing launched this one).
+    """
     errors: list[str] = []
+    world = launcher_world_size(environ)
+    if world is not None and world != int(cfg.trainer.devices):
+        with open_dict(cfg):
+            cfg.trainer.devices = world
     if cfg.task not in TASKS:
         errors.append(f"task={cfg.task!r}: expected one of {', '.join(TASKS)}")
     if cfg.task in ("eval", "play") and not cfg.get("checkpoint"):
         errors.append(f"task={cfg.task} needs checkpoint=PATH")
+    stages = cfg.get("stages")
+    if cfg.get("stage_overrides") and not stages:
+        errors.append("stage_overrides: only a multi-stage recipe (task=pipeline) has stages")
+    elif stages:
+        unknown = sorted(set(cfg.get("stage_overrides") or {}) - set(stages))
+        if unknown:
+            errors.append(
+                f"{', '.join(f'stage_overrides.{k}' for k in unknown)}: no such stage "
+                f"(the recipe's stages: {', '.join(stages)})"
+            )
+    _check_launch(cfg, errors)
     _check_trainer(cfg.trainer, errors)
+    _check_optim(cfg.get("optim"), errors)
     _check_signature(cfg.data, "data", errors)
-    if cfg.task == "train":
+    # A recipe's own model is not trained (its stages are, each checked on its own).
+    if cfg.task == "train" or (cfg.task == "check" and not stages):
         _check_signature(cfg.model, "model", errors)
-        if cfg.model.get("name") in ("tokenizer", "tokenizer_cvivit"):
-            _check_tokenizer(cfg.model, cfg.data, errors)
-            if cfg.model.name == "tokenizer_cvivit":
-                _check_cvivit(cfg.model, cfg.data, cfg.eval, errors)
-        elif cfg.model.get("name") == "videogpt_vqvae":
-            _check_videogpt_vqvae(cfg.model, cfg.data, errors)
-        elif cfg.model.get("name") == "videogpt":
-            _check_videogpt(cfg.model, cfg.data, errors)
-    for key in ("lr", "weight_decay"):
-        if key in cfg.model and float(cfg.model[key]) < 0:
-            errors.append(f"model.{key}={cfg.model[key]}: expected >= 0")
+        _check_model(cfg, errors)
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     with open_dict(cfg):

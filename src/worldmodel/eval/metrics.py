@@ -1,284 +1,295 @@
-"""Evaluation metrics on video tensors: PSNR, SSIM, LPIPS, codebook statistics, controllability.
+"""Evaluation metrics: frame metrics, honest baselines, clustered errors, latent-action agreement.
 
-Conventions shared by every function here:
+Frame metrics (PSNR, SSIM, LPIPS, codebook statistics) are implemented once in
+`worldmodel.metrics` and re-exported here, so `metrics.psnr` in an evaluation is the `psnr` the
+models log in training. This module adds what only evaluation needs:
 
-- Videos are (B, C, T, H, W) float tensors in [-1, 1]; a (B, C, H, W) tensor is read as single
-  frames. Frame metrics are computed per frame and then averaged, so `reduction="none"` gives
-  (B, T) (or (B,) for images) and `reduction="mean"` gives the mean over frames of the per-frame
-  values (not the metric of the pooled error), optionally over the frames where `mask` is True.
-- Metrics run without autograd and in float32, so their results are detached and can go straight
-  into a model's metrics dict; losses that need gradients live in `models/losses.py`.
-- Label arrays (latent codes, true actions) are integer tensors; negative labels mean "unknown"
-  (the batch convention for actions) and pairs holding one are dropped.
+- Baselines and pooled PSNR: `changing_mask` finds the frames that differ from the previous real
+  frame (about a fifth of consecutive CoinRun frames are identical, and a floored per-frame PSNR
+  mean scores "copy the previous frame" at ~42 dB on them); `pooled_psnr` is the PSNR of the
+  mean MSE over selected frames; `rollout_errors` / `rollout_psnr_summary` score a rollout beside
+  the copy-previous-real-frame and copy-context-frame baselines on changing frames only.
+- Uncertainty that respects the data: `clustered_stderr` (clips of one episode are not
+  independent), `paired_difference` and `delta_psnr` (ΔtPSNR) with clustered errors, and
+  `bootstrap_ci` over episodes.
+- Latent actions against true actions: `confusion_matrix`, `action_mapping`,
+  `action_agreement`, `normalized_mutual_information`, `purity`, and `lam_alignment`, which
+  reports NMI and purity beside their chance levels.
+
+Label arrays (latent codes, true actions) are integer tensors; negative labels mean "unknown"
+(the batch convention for actions) and pairs holding one are dropped.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from pathlib import Path
-from typing import Literal
+from collections.abc import Callable
+from typing import Any
 
+import numpy as np
 import torch
-from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
-Reduction = Literal["mean", "none"]
+from worldmodel.metrics import (
+    DATA_RANGE,
+    LPIPS_BACKBONE_FILES,
+    MSE_FLOOR,
+    LPIPSMetric,
+    Reduction,
+    RunningMeans,
+    codebook_stats,
+    frame_mse,
+    load_lpips_network,
+    load_lpips_weights,
+    psnr,
+    psnr_from_mse,
+    ssim,
+)
 
-# Floor on the per-frame MSE: identical frames then score a finite 10*log10(4 / 1e-10) ~ 106 dB
-# (for data_range 2) instead of inf, so a single perfect frame cannot turn a mean into inf.
-MSE_FLOOR = 1e-10
+__all__ = [
+    "CHANGE_EPS",
+    "DATA_RANGE",
+    "LPIPS_BACKBONE_FILES",
+    "MSE_FLOOR",
+    "LPIPSMetric",
+    "Reduction",
+    "RunningMeans",
+    "action_agreement",
+    "action_mapping",
+    "bootstrap_ci",
+    "changing_mask",
+    "clustered_stderr",
+    "codebook_stats",
+    "confusion_matrix",
+    "delta_psnr",
+    "frame_mse",
+    "lam_alignment",
+    "load_lpips_network",
+    "load_lpips_weights",
+    "normalized_mutual_information",
+    "paired_difference",
+    "pooled_psnr",
+    "psnr",
+    "psnr_from_mse",
+    "purity",
+    "rollout_errors",
+    "rollout_psnr_summary",
+    "rollout_psnr_vs_horizon",
+    "ssim",
+]
+
+# A frame "changes" when some pixel moves by more than half an 8-bit level (a level is 2/255 in
+# [-1, 1]): exact repeats of a recorded frame stay unchanged through the uint8 -> float mapping.
+CHANGE_EPS = 1.0 / 255.0
 
 
-def _as_frames(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor, tuple[int, ...]]:
-    """Flatten videos (B, C, T, H, W) or images (B, C, H, W) into frames (N, C, H, W)."""
-    if pred.shape != target.shape:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    if pred.ndim == 5:
-        b, _, t, _, _ = pred.shape
-        pred = rearrange(pred, "B C T H W -> (B T) C H W")
-        target = rearrange(target, "B C T H W -> (B T) C H W")
-        return pred.float(), target.float(), (b, t)
-    if pred.ndim == 4:
-        return pred.float(), target.float(), (pred.shape[0],)
-    raise ValueError(f"expected (B, C, T, H, W) or (B, C, H, W), got {tuple(pred.shape)}")
-
-
-def _reduce(values: Tensor, reduction: Reduction, mask: Tensor | None) -> Tensor:
-    """Reduce per-frame values (B, T) or (B,) to their mean over (valid) frames, or keep them."""
-    if reduction == "none":
-        return values
-    if reduction != "mean":
-        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
-    if mask is None:
-        return values.mean()
-    mask = mask.to(values.device, torch.bool)
-    if mask.shape != values.shape:
-        raise ValueError(f"mask {tuple(mask.shape)} must match per-frame values {values.shape}")
-    if not mask.any():
-        raise ValueError("mask selects no frame")
-    return values[mask].mean()
+# --------------------------------------------------------------------------------------------
+# Changing frames, pooled PSNR and trivial baselines
+# --------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
-def psnr(
-    pred: Tensor,
-    target: Tensor,
-    data_range: float = 2.0,
-    reduction: Reduction = "mean",
-    mask: Tensor | None = None,
-) -> Tensor:
-    """Peak signal-to-noise ratio in dB, per frame, then averaged.
+def changing_mask(prev: Tensor, target: Tensor, eps: float = CHANGE_EPS) -> Tensor:
+    """Which target frames differ from the frame before them.
 
-    `mean` is the mean over frames of the per-frame PSNR (the convention of video papers), not
-    the PSNR of the mean squared error. The per-frame MSE is clamped at `MSE_FLOOR` (1e-10), so
-    identical frames give 10*log10(data_range**2 / 1e-10) (~106 dB for data_range 2), never inf.
-    Inputs are not clamped: clamp predictions to [-1, 1] first if the decoder may overshoot.
+    A frame changes when its largest absolute pixel difference to `prev` exceeds `eps`. Scoring
+    only these frames keeps identical consecutive frames (where copying the previous frame is
+    exact) from inflating every PSNR, the model's and the baselines' alike.
 
     Args:
-        pred, target: (B, C, T, H, W) videos or (B, C, H, W) images; data_range 2.0 for [-1, 1].
-        reduction: "mean" -> scalar; "none" -> (B, T) for videos, (B,) for images.
-        mask: optional (B, T) bool, True = real frame; only those enter the mean.
+        prev: the previous real frame of each target, same shape as `target`.
+        target: (B, C, T, H, W) videos or (B, C, H, W) frames in [-1, 1].
+    Returns:
+        (B, T) bool for videos, (B,) for frames; True = the frame changes.
     """
-    pred_f, target_f, lead = _as_frames(pred, target)
-    mse = (pred_f - target_f).pow(2).mean(dim=(1, 2, 3)).clamp_min(MSE_FLOOR)  # (N,)
-    values = 10.0 * torch.log10(data_range**2 / mse)
-    return _reduce(values.reshape(lead), reduction, mask)  # (B, T) or (B,) before reduction
+    if prev.shape != target.shape:
+        raise ValueError(f"prev {tuple(prev.shape)} and target {tuple(target.shape)} differ")
+    if target.ndim not in (4, 5):
+        raise ValueError(f"expected (B, C, T, H, W) or (B, C, H, W), got {tuple(target.shape)}")
+    diff = (target.float() - prev.float()).abs()
+    dims = (1, 3, 4) if target.ndim == 5 else (1, 2, 3)
+    return diff.amax(dim=dims) > eps
+
+
+def pooled_psnr(mse: Tensor, mask: Tensor | None = None, dim: int | None = None) -> Tensor:
+    """PSNR of the mean MSE over the selected frames (not the mean of per-frame PSNRs).
+
+    One exact frame then cannot dominate a mean with its floored ~106 dB: every selected frame
+    contributes its squared error. Accumulate per-frame MSEs (`frame_mse`) over the whole
+    evaluation and call this once at the end.
+
+    Args:
+        mse: per-frame MSE, e.g. (N, T) over N clips and T horizons.
+        mask: bool of the same shape, True = the frame counts (e.g. `changing_mask`).
+        dim: None -> one value over all selected frames (0-d); an axis -> one value per index of
+            the other axes (dim=0 on (N, T) gives the (T,) curve over horizons).
+    Returns:
+        PSNR in dB (float32); nan where no frame is selected.
+    """
+    mse = torch.as_tensor(mse).detach().double()
+    weights = torch.ones_like(mse) if mask is None else torch.as_tensor(mask).to(mse)
+    if weights.shape != mse.shape:
+        raise ValueError(f"mask {tuple(weights.shape)} must match mse {tuple(mse.shape)}")
+    total = (mse * weights).sum() if dim is None else (mse * weights).sum(dim)
+    count = weights.sum() if dim is None else weights.sum(dim)
+    return psnr_from_mse(total / count)  # 0 / 0 = nan where nothing is selected
 
 
 @torch.no_grad()
-def ssim(
+def rollout_errors(
     pred: Tensor,
-    target: Tensor,
-    reduction: Reduction = "mean",
+    video: Tensor,
+    context: int,
     mask: Tensor | None = None,
-) -> Tensor:
-    """Structural similarity per frame (torchmetrics, Gaussian 11x11 window, sigma 1.5), averaged.
+    eps: float = CHANGE_EPS,
+) -> dict[str, Tensor]:
+    """Per-frame MSE of predicted frames and of two trivial baselines, and which frames change.
 
-    Frames are mapped from [-1, 1] to [0, 1] and clamped there (SSIM's constants assume the data
-    range), then scored with data_range 1. Reduction and mask work as in `psnr`. Frames must be
-    at least 11 pixels on each side.
+    `pred` (B, C, H, h, w) predicts the real frames `video[:, :, context : context + H]` (H
+    horizons after `context` real frames; teacher-forced next-frame predictions are the case
+    H = T - context with every prediction made from real frames).
+
+    Returns (B, H) tensors:
+        model: MSE of `pred`.
+        copy_previous: MSE of the previous real frame (frame t-1 for target t), what a model
+            that repeats its input frame gets when fed real frames.
+        copy_context: MSE of the last context frame at every horizon, what a rollout that
+            freezes gets.
+        changing: bool, the target differs from its previous real frame (`changing_mask`),
+            and, with a (B, T) frame `mask` of the video (False = padding), both are real.
+    Concatenate them over batches (dim 0) and pass the result to `rollout_psnr_summary`.
     """
-    # Imported here: torchmetrics takes seconds to import and most users of this module never
-    # call ssim. Its import warns about its own deprecated aliases, which is not our concern.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-    pred_f, target_f, lead = _as_frames(pred, target)
-    pred_01 = ((pred_f + 1.0) / 2.0).clamp(0.0, 1.0)
-    target_01 = ((target_f + 1.0) / 2.0).clamp(0.0, 1.0)
-    values = structural_similarity_index_measure(
-        pred_01, target_01, data_range=1.0, reduction="none"
-    )  # (N,)
-    return _reduce(values.reshape(lead), reduction, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# LPIPS
-# --------------------------------------------------------------------------------------------
-
-# The torchvision ImageNet checkpoints lpips would download for its backbone.
-LPIPS_BACKBONE_FILES = {
-    "alex": "alexnet-owt-7be5be79.pth",
-    "vgg": "vgg16-397923af.pth",
-    "squeeze": "squeezenet1_1-b8a52dc0.pth",
-}
-_TORCHVISION_BUILDERS = {"alex": "alexnet", "vgg": "vgg16", "squeeze": "squeezenet1_1"}
-
-
-def _missing_lpips_weights(net: str, weights_path: str | None, config_key: str) -> str:
-    name = LPIPS_BACKBONE_FILES[net]
-    where = "no path is configured" if weights_path is None else f"{weights_path} does not exist"
-    return (
-        f"LPIPS ({net}) needs the ImageNet backbone weights {name}, but {where}. Nothing is "
-        f"downloaded at run time. On a machine with internet, fetch "
-        f"https://download.pytorch.org/models/{name} (or run "
-        f"`torchvision.models.{_TORCHVISION_BUILDERS[net]}(weights='IMAGENET1K_V1')`, which "
-        f"caches it in ~/.cache/torch/hub/checkpoints/{name}), copy it here and set "
-        f"{config_key}=/path/to/{name}."
-    )
-
-
-def _backbone_state_dict(lpips_backbone: nn.Module, tv_state: dict[str, Tensor]) -> dict:
-    """Map a torchvision state dict onto the `sliceK.<index>` layout of lpips' backbone.
-
-    lpips splits torchvision's `features` Sequential into slices but keeps each layer's original
-    index as its name (slice2 holds `features.3` as `slice2.3`), so the mapping is by index.
-    """
-    features = {k.removeprefix("features."): v for k, v in tv_state.items()}
-    mapped = {}
-    for key in lpips_backbone.state_dict():
-        _, rest = key.split(".", 1)  # "slice2.3.weight" -> "3.weight"
-        if rest not in features:
-            raise KeyError(f"backbone weights have no entry for features.{rest}")
-        mapped[key] = features[rest]
-    return mapped
-
-
-def load_lpips_network(
-    net: str = "alex",
-    weights_path: str | None = None,
-    random_init: bool = False,
-    config_key: str = "eval.lpips_weights",
-) -> nn.Module:
-    """Build an `lpips.LPIPS` module without any network access.
-
-    The packaged linear heads (v0.1) are always loaded. The backbone comes from `weights_path`
-    (a torchvision ImageNet state dict, see `LPIPS_BACKBONE_FILES`, or a whole `lpips.LPIPS`
-    state dict with `net.sliceK.*` keys), or is random when `random_init=True` — that only
-    exercises code paths and is not a perceptual metric.
-
-    Raises:
-        FileNotFoundError: no weights and not random_init; the message names the file expected,
-            where to get it and `config_key`, the setting to point at it.
-    """
-    import lpips
-
-    if net not in LPIPS_BACKBONE_FILES:
-        raise ValueError(f"net must be one of {sorted(LPIPS_BACKBONE_FILES)}, got {net!r}")
-    if not random_init and (weights_path is None or not Path(weights_path).is_file()):
-        raise FileNotFoundError(_missing_lpips_weights(net, weights_path, config_key))
-    # pnet_rand=True keeps lpips from fetching the backbone; the real weights are loaded below.
-    # torchvision warns about lpips' use of its deprecated `pretrained` argument: not ours.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        model = lpips.LPIPS(pretrained=True, net=net, pnet_rand=True, verbose=False)
-    if not random_init:
-        state = torch.load(weights_path, map_location="cpu", weights_only=True)
-        if any(k.startswith("net.slice") for k in state):
-            # A whole lpips.LPIPS state dict (backbone and heads), e.g. saved from a trained one.
-            model.load_state_dict(state, strict=True)
-        else:
-            model.net.load_state_dict(_backbone_state_dict(model.net, state), strict=True)
-    model.eval().requires_grad_(False)
-    return model
-
-
-class LPIPSMetric(nn.Module):
-    """Per-frame LPIPS distance (lower = more similar) for videos in [-1, 1].
-
-    `LPIPSMetric(net="alex", weights_path="/path/alexnet-owt-7be5be79.pth")` is the real metric
-    (AlexNet is the variant the LPIPS authors recommend for evaluation). Without weights a
-    FileNotFoundError says which file to provide and to set `eval.lpips_weights`.
-    `random_init=True` uses a random backbone with the packaged linear heads: for tests only,
-    its numbers mean nothing.
-    """
-
-    def __init__(
-        self,
-        net: str = "alex",
-        weights_path: str | None = None,
-        random_init: bool = False,
-        frames_per_chunk: int = 64,
-    ) -> None:
-        super().__init__()
-        self.net_name = net
-        self.random_init = random_init
-        self.frames_per_chunk = frames_per_chunk
-        self.lpips = load_lpips_network(net, weights_path, random_init)
-
-    def train(self, mode: bool = True) -> LPIPSMetric:
-        # The metric has dropout in its heads: it must stay in eval mode whatever the parent does.
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(
-        self,
-        pred: Tensor,
-        target: Tensor,
-        reduction: Reduction = "mean",
-        mask: Tensor | None = None,
-    ) -> Tensor:
-        """LPIPS per frame; `reduction` and `mask` as in `psnr`. Grayscale is repeated to RGB."""
-        pred_f, target_f, lead = _as_frames(pred, target)
-        if pred_f.shape[1] == 1:
-            pred_f, target_f = pred_f.expand(-1, 3, -1, -1), target_f.expand(-1, 3, -1, -1)
-        values = torch.cat(
-            [
-                self.lpips(p, t).flatten()  # (n, 1, 1, 1) -> (n,)
-                for p, t in zip(
-                    pred_f.split(self.frames_per_chunk), target_f.split(self.frames_per_chunk)
-                )
-            ]
+    horizon = pred.shape[2]
+    if context < 1 or context + horizon > video.shape[2]:
+        raise ValueError(
+            f"{horizon} predicted frames after {context} context frames need a video of at "
+            f"least {context + horizon} frames, got {video.shape[2]}"
         )
-        return _reduce(values.reshape(lead), reduction, mask)
-
-
-# --------------------------------------------------------------------------------------------
-# Codebooks, controllability and agreement of latent actions with true actions
-# --------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def codebook_stats(indices: Tensor, codebook_size: int) -> dict[str, Tensor]:
-    """Usage statistics of code indices (any shape; negative entries are ignored).
-
-    Returns 0-d float tensors:
-        usage: fraction of the codebook used at least once.
-        dead_fraction: 1 - usage.
-        entropy_bits: entropy of the empirical code distribution, in bits (max log2(K)).
-        perplexity: 2**entropy_bits, the effective number of codes (1..K).
-    """
-    flat = indices.detach().flatten().long()
-    flat = flat[flat >= 0]
-    if flat.numel() and int(flat.max()) >= codebook_size:
-        raise ValueError(f"index {int(flat.max())} out of range for codebook of {codebook_size}")
-    counts = torch.bincount(flat, minlength=codebook_size).double()  # (K,)
-    total = counts.sum().clamp_min(1.0)
-    probs = counts / total
-    nonzero = probs[probs > 0]
-    entropy_bits = -(nonzero * torch.log2(nonzero)).sum()
-    usage = (counts > 0).double().mean()
+    real = video[:, :, context : context + horizon]
+    prev = video[:, :, context - 1 : context + horizon - 1]
+    last = video[:, :, context - 1 : context].expand_as(real)
+    changing = changing_mask(prev, real, eps)  # (B, H)
+    if mask is not None:
+        mask = mask.to(changing.device, torch.bool)
+        real_target = mask[:, context : context + horizon]
+        changing &= real_target & mask[:, context - 1 : context + horizon - 1]
     return {
-        "usage": usage.float(),
-        "perplexity": torch.exp2(entropy_bits).float(),
-        "dead_fraction": (1.0 - usage).float(),
-        "entropy_bits": entropy_bits.float(),
+        "model": frame_mse(pred, real),
+        "copy_previous": frame_mse(prev, real),
+        "copy_context": frame_mse(last, real),
+        "changing": changing,
     }
 
 
-def delta_psnr(psnr_inferred: Tensor, psnr_random: Tensor) -> dict[str, Tensor | int]:
+def rollout_psnr_summary(errors: dict[str, Tensor]) -> dict[str, Any]:
+    """Pooled PSNR on changing frames of a rollout and its baselines, overall and per horizon.
+
+    Args:
+        errors: `rollout_errors` outputs concatenated over clips, each (N, H).
+    Returns (plain floats and lists, ready for eval.json; nan where no frame changes):
+        {name}_psnr and {name}_psnr_curve (H values) for name in model, copy_previous,
+        copy_context; changing_fraction (share of frames that change), its per-horizon
+        changing_fraction_curve, and changing_frames (their number).
+    """
+    changing = torch.as_tensor(errors["changing"]).bool()
+    out: dict[str, Any] = {
+        "changing_fraction": float(changing.double().mean()),
+        "changing_fraction_curve": changing.double().mean(dim=0).tolist(),
+        "changing_frames": int(changing.sum()),
+    }
+    for name in ("model", "copy_previous", "copy_context"):
+        out[f"{name}_psnr"] = float(pooled_psnr(errors[name], changing))
+        out[f"{name}_psnr_curve"] = pooled_psnr(errors[name], changing, dim=0).tolist()
+    return out
+
+
+@torch.no_grad()
+def rollout_psnr_vs_horizon(pred: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean per-frame PSNR over the batch at each frame index, (T,): the error growth of a rollout.
+
+    Slice the context frames off before calling if they should not count as horizon 0. With a
+    (B, T) mask, each horizon averages over the clips whose frame is real (nan if none is). For
+    comparisons with baselines prefer `rollout_errors` (pooled MSE on changing frames).
+    """
+    values = psnr(pred, target, reduction="none")  # (B, T)
+    if values.ndim != 2:
+        raise ValueError("rollout_psnr_vs_horizon needs videos (B, C, T, H, W)")
+    if mask is None:
+        return values.mean(dim=0)
+    weights = mask.to(values.device, values.dtype)
+    return (values * weights).sum(dim=0) / weights.sum(dim=0)  # (T,), nan where no real frame
+
+
+# --------------------------------------------------------------------------------------------
+# Standard errors clustered by episode
+# --------------------------------------------------------------------------------------------
+
+
+def _cluster_index(clusters: Any, n: int) -> tuple[Tensor, int]:
+    """Cluster ids of any hashable labels (ints, strings) -> (N,) long in [0, G), and G."""
+    labels = np.asarray(clusters.cpu() if isinstance(clusters, Tensor) else clusters)
+    if labels.shape != (n,):
+        raise ValueError(f"clusters must be ({n},), got {labels.shape}")
+    _, inverse = np.unique(labels, return_inverse=True)
+    index = torch.from_numpy(inverse.reshape(-1).astype(np.int64))
+    return index, int(index.max()) + 1 if n else 0
+
+
+def clustered_stderr(values: Tensor, clusters: Any) -> Tensor:
+    """Cluster-robust standard error of the mean of `values` over axis 0.
+
+    Clips cut from one episode share its level, its agent and its frames, so they are not
+    independent; treating them as such understates the error. With residuals e_i = v_i - mean
+    and S_g the sum of the residuals of cluster g (G clusters, N values):
+
+        SE^2 = G / (G - 1) * sum_g S_g^2 / N^2
+
+    (the CR1 sandwich estimator of a mean). With every value its own cluster this is exactly the
+    usual std (ddof 1) / sqrt(N).
+
+    Args:
+        values: (N,) or (N, ...) numbers, e.g. one per clip (or per clip and horizon).
+        clusters: (N,) cluster labels (e.g. episode ids; ints or strings).
+    Returns:
+        float64 tensor of shape values.shape[1:]; nan with fewer than 2 clusters.
+    """
+    v = torch.as_tensor(values).detach().cpu().double()
+    n = v.shape[0]
+    index, g = _cluster_index(clusters, n)
+    if g < 2:
+        return torch.full(v.shape[1:], float("nan"), dtype=torch.float64)
+    resid = v - v.mean(dim=0)
+    sums = torch.zeros((g, *v.shape[1:]), dtype=torch.float64).index_add_(0, index, resid)
+    return (g / (g - 1) * sums.pow(2).sum(dim=0) / n**2).sqrt()
+
+
+def paired_difference(a: Tensor, b: Tensor, clusters: Any | None = None) -> dict[str, Any]:
+    """Mean of a - b (paired: row i of both comes from one clip) with its clustered error.
+
+    Args:
+        a, b: (N,) or (N, ...) paired values.
+        clusters: (N,) cluster labels (episode ids); None = every row its own cluster.
+    Returns:
+        mean and stderr (float64 tensors of shape a.shape[1:]), n (rows), clusters (G).
+    """
+    a = torch.as_tensor(a).detach().cpu().double()
+    b = torch.as_tensor(b).detach().cpu().double()
+    if a.shape != b.shape or a.ndim < 1:
+        raise ValueError(f"need two arrays of one shape (N, ...), got {a.shape} and {b.shape}")
+    diff = a - b
+    n = diff.shape[0]
+    labels = np.arange(n) if clusters is None else clusters
+    _, g = _cluster_index(labels, n)
+    return {
+        "mean": diff.mean(dim=0),
+        "stderr": clustered_stderr(diff, labels),
+        "n": n,
+        "clusters": g,
+    }
+
+
+def delta_psnr(
+    psnr_inferred: Tensor, psnr_random: Tensor, clusters: Any | None = None
+) -> dict[str, Any]:
     """Genie's controllability metric ΔtPSNR with its standard error.
 
     ΔtPSNR = PSNR(x_t, x̂_t) - PSNR(x_t, x̂'_t), where x̂ is generated with the inferred (or true)
@@ -287,21 +298,63 @@ def delta_psnr(psnr_inferred: Tensor, psnr_random: Tensor) -> dict[str, Tensor |
 
     Args:
         psnr_inferred, psnr_random: (N, T) per-clip PSNR at each horizon t.
+        clusters: (N,) episode of each clip, for an error clustered by episode; None treats the
+            clips as independent (then stderr = std (ddof 1) / sqrt(N)).
     Returns:
-        mean: (T,) mean difference per horizon; stderr: (T,) sample std (ddof 1) / sqrt(N),
-        nan when N < 2; n: N, the number of clips.
+        mean: (T,) mean difference per horizon; stderr: (T,) its standard error, nan with fewer
+        than 2 clusters; n: N, the number of clips; clusters: the number of clusters.
     """
     inferred = torch.as_tensor(psnr_inferred, dtype=torch.float64)
     random = torch.as_tensor(psnr_random, dtype=torch.float64)
     if inferred.shape != random.shape or inferred.ndim != 2:
         raise ValueError(f"need two (N, T) arrays, got {inferred.shape} and {random.shape}")
-    diff = inferred - random  # (N, T)
-    n = diff.shape[0]
-    if n >= 2:
-        stderr = diff.std(dim=0, unbiased=True) / math.sqrt(n)
-    else:
-        stderr = torch.full(diff.shape[1:], float("nan"), dtype=torch.float64)
-    return {"mean": diff.mean(dim=0), "stderr": stderr, "n": n}
+    return paired_difference(inferred, random, clusters)
+
+
+def bootstrap_ci(
+    values: Tensor,
+    clusters: Any,
+    statistic: Callable[[Tensor], Tensor | float] | None = None,
+    num_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of a statistic, resampling whole clusters.
+
+    Each resample draws G clusters (episodes) with replacement and keeps all their rows, so the
+    interval carries the dependence inside an episode. It suits statistics without a simple
+    standard error, e.g. the pooled PSNR on changing frames: with rows
+    `torch.stack([(mse * changing).sum(1), changing.sum(1)], 1)` per clip, use
+    `statistic=lambda r: psnr_from_mse(r[:, 0].sum() / r[:, 1].sum())`.
+
+    Args:
+        values: (N, ...) rows, one per clip.
+        clusters: (N,) cluster labels (episode ids).
+        statistic: rows (M, ...) -> a number; default the mean of 1-D values.
+        num_resamples, level, seed: resamples drawn, coverage, and the generator's seed
+            (the same inputs and seed give the same interval).
+    Returns:
+        (low, high); nan when a resample's statistic is nan.
+    """
+    v = torch.as_tensor(values).detach().cpu()
+    index, g = _cluster_index(clusters, v.shape[0])
+    if g < 2:
+        raise ValueError("bootstrap_ci needs at least 2 clusters")
+    stat = statistic if statistic is not None else (lambda rows: rows.double().mean())
+    members = [torch.nonzero(index == c).flatten() for c in range(g)]
+    gen = torch.Generator().manual_seed(seed)
+    draws = []
+    for _ in range(num_resamples):
+        picked = torch.randint(0, g, (g,), generator=gen)
+        draws.append(float(stat(v[torch.cat([members[int(c)] for c in picked])])))
+    probs = torch.tensor([(1.0 - level) / 2.0, (1.0 + level) / 2.0], dtype=torch.float64)
+    low, high = torch.tensor(draws, dtype=torch.float64).quantile(probs).tolist()
+    return low, high
+
+
+# --------------------------------------------------------------------------------------------
+# Latent actions against true actions
+# --------------------------------------------------------------------------------------------
 
 
 def _valid_pairs(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -382,19 +435,51 @@ def action_agreement(confusion: Tensor) -> float:
     return float(confusion.max(dim=1).values.sum() / total)
 
 
-@torch.no_grad()
-def rollout_psnr_vs_horizon(
-    pred: Tensor, target: Tensor, data_range: float = 2.0, mask: Tensor | None = None
-) -> Tensor:
-    """Mean PSNR over the batch at each frame index, (T,): the error growth of a rollout.
+def purity(true: Tensor, codes: Tensor) -> float:
+    """Share of samples whose true action is the most frequent true action of their code.
 
-    Slice the context frames off before calling if they should not count as horizon 0. With a
-    (B, T) mask, each horizon averages over the clips whose frame is real (nan if none is).
+    Each code is read as predicting its majority action. A LAM that puts everything in one code
+    gets the majority-class share; one code per action, 1. More codes than actions inflate it
+    (a code per sample scores 1), so read it beside its chance level (`lam_alignment`).
     """
-    values = psnr(pred, target, data_range=data_range, reduction="none")  # (B, T)
-    if values.ndim != 2:
-        raise ValueError("rollout_psnr_vs_horizon needs videos (B, C, T, H, W)")
-    if mask is None:
-        return values.mean(dim=0)
-    weights = mask.to(values.device, values.dtype)
-    return (values * weights).sum(dim=0) / weights.sum(dim=0)  # (T,), nan where no real frame
+    a, b = _valid_pairs(true, codes)
+    if a.numel() == 0:
+        raise ValueError("no labeled pairs")
+    _, a_idx = torch.unique(a, return_inverse=True)
+    _, b_idx = torch.unique(b, return_inverse=True)
+    counts = confusion_matrix(b_idx, a_idx, int(b_idx.max()) + 1, int(a_idx.max()) + 1)
+    return float(counts.max(dim=1).values.sum() / a.numel())  # rows = codes
+
+
+def lam_alignment(
+    true: Tensor, codes: Tensor, num_shuffles: int = 20, seed: int = 0
+) -> dict[str, float | int]:
+    """NMI and purity of latent codes against true actions, each beside its chance level.
+
+    The chance levels are the mean NMI and purity after shuffling the codes across samples
+    (`num_shuffles` random permutations from a generator seeded with `seed`): the same code
+    and action frequencies with the association between them removed. A collapsed LAM (one code
+    for everything) gets NMI 0 and purity = majority_share, both equal to their chance levels;
+    only the margin over chance says a LAM found the actions.
+
+    Returns:
+        nmi, nmi_chance, purity, purity_chance, majority_share (share of the most frequent true
+        action) and pairs (the number of labeled pairs).
+    """
+    a, b = _valid_pairs(true, codes)
+    if a.numel() == 0:
+        raise ValueError("no labeled pairs")
+    gen = torch.Generator().manual_seed(seed)
+    nmi_chance = purity_chance = 0.0
+    for _ in range(num_shuffles):
+        shuffled = b[torch.randperm(b.numel(), generator=gen)]
+        nmi_chance += normalized_mutual_information(a, shuffled) / num_shuffles
+        purity_chance += purity(a, shuffled) / num_shuffles
+    return {
+        "nmi": normalized_mutual_information(a, b),
+        "nmi_chance": nmi_chance,
+        "purity": purity(a, b),
+        "purity_chance": purity_chance,
+        "majority_share": float(torch.bincount(a).max() / a.numel()),
+        "pairs": int(a.numel()),
+    }

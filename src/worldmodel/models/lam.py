@@ -24,6 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.metrics import frame_mse, psnr_from_mse
 from worldmodel.models.interfaces import LatentActions
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import STTransformer, init_weights
@@ -237,8 +238,9 @@ class LatentActionModel(nn.Module, LatentActions):
             frac = counts / counts.sum().clamp_min(1.0)
             metrics = {
                 "rec_loss": rec.detach(),
-                "psnr": 10 * torch.log10(4.0 / rec.detach().clamp_min(1e-10)),
-                "psnr_copy": 10 * torch.log10(4.0 / copy.clamp_min(1e-10)),
+                # PSNR of the pooled MSE, the prediction clamped as in evaluation
+                "psnr": psnr_from_mse((frame_mse(pred, target) * weight).sum() / denom),
+                "psnr_copy": psnr_from_mse(copy),
                 "quant_loss": aux.detach().float(),
                 "codebook/usage": stats["usage"].detach(),
                 "codebook/perplexity": stats["perplexity"].detach(),

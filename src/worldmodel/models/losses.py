@@ -1,19 +1,20 @@
-"""Losses for pixel autoencoders: reconstruction, PSNR, LPIPS, a frame GAN (hinge, adaptive weight).
+"""Losses for pixel autoencoders: reconstruction, LPIPS, a frame GAN (hinge, adaptive weight).
 
-LPIPS uses the `lpips` package. Its linear heads ship inside the package, but the VGG16 backbone
-does not and nothing may be downloaded at run time, so the backbone comes from a file given in the
-config (`lpips_weights_path`): either a torchvision VGG16 state dict (keys `features.N.*`) or a full
-`lpips.LPIPS` state dict (keys `net.sliceK.N.*`, `linK.*`). `random_backbone=True` builds a randomly
+PSNR and the LPIPS network come from `worldmodel.metrics` (one implementation for training and
+evaluation). LPIPS here uses the VGG16 backbone, whose weights are not packaged and are never
+downloaded at run time: they come from a file given in the config (`lpips_weights_path`), either
+a torchvision VGG16 state dict (keys `features.N.*`) or a full `lpips.LPIPS` state dict (keys
+`net.sliceK.N.*`, `linK.*`), loaded strictly. `random_backbone=True` builds a randomly
 initialised backbone for exercising code paths in tests: that is not a perceptual metric.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from worldmodel.metrics import load_lpips_network, load_lpips_weights, psnr
 
 
 def masked_mean(values: Tensor, weights: Tensor | None) -> Tensor:
@@ -24,13 +25,16 @@ def masked_mean(values: Tensor, weights: Tensor | None) -> Tensor:
 
 
 def psnr_per_frame(x_hat: Tensor, x: Tensor) -> Tensor:
-    """PSNR in dB of frames (N, C, H, W) in [-1, 1], measured after rescaling to [0, 1]."""
-    mse = ((x_hat.float().clamp(-1, 1) - x.float()) / 2).pow(2).flatten(1).mean(1)
-    return -10.0 * torch.log10(mse.clamp_min(1e-10))
+    """PSNR in dB (N,) of frames (N, C, H, W) in [-1, 1]: `worldmodel.metrics.psnr` per frame."""
+    return psnr(x_hat, x, reduction="none")
 
 
 class LPIPSLoss(nn.Module):
-    """LPIPS (VGG) distance between frames (N, 3, H, W) in [-1, 1]; frozen, always in eval mode."""
+    """LPIPS (VGG) distance between frames (N, 3, H, W) in [-1, 1]; frozen, always in eval mode.
+
+    Raises FileNotFoundError naming the file and `config_key` when the weights are missing, and
+    refuses a weights file that does not fill the network exactly.
+    """
 
     def __init__(
         self,
@@ -39,41 +43,11 @@ class LPIPSLoss(nn.Module):
         random_backbone: bool = False,
     ):
         super().__init__()
-        import lpips  # imported here: only needed when the LPIPS term is switched on
-
-        if not random_backbone and not (weights_path and os.path.isfile(weights_path)):
-            raise FileNotFoundError(
-                f"LPIPS needs VGG16 backbone weights at '{weights_path}' (a torchvision "
-                f"vgg16 state dict, e.g. vgg16-397923af.pth, or a full lpips.LPIPS state "
-                f"dict); set `{config_key}` to that file, or set the LPIPS weight to 0."
-            )
-        # pnet_rand=True: build the trunk without torchvision trying to download it.
-        self.net = lpips.LPIPS(pretrained=True, net="vgg", pnet_rand=True, verbose=False)
-        if not random_backbone:
-            self._load(torch.load(weights_path, map_location="cpu", weights_only=True))
-        self.net.eval()
-        for p in self.net.parameters():
-            p.requires_grad_(False)
+        # Imports lpips only here: only needed when the LPIPS term is switched on.
+        self.net = load_lpips_network("vgg", weights_path, random_backbone, config_key)
 
     def _load(self, state: dict[str, Tensor]) -> None:
-        if any(k.startswith("net.slice") for k in state):  # full LPIPS state dict
-            self.net.load_state_dict(state, strict=False)
-            return
-        # torchvision VGG16: features.N.* lives in whichever lpips slice holds module N.
-        slice_of = {}
-        for slice_name, block in self.net.net.named_children():
-            for idx in block._modules:
-                slice_of[idx] = slice_name
-        mapped = {}
-        for key, value in state.items():
-            parts = key.split(".")
-            if parts[0] == "features" and parts[1] in slice_of:
-                mapped[".".join([slice_of[parts[1]], *parts[1:]])] = value
-        if not mapped:
-            raise ValueError("LPIPS weights file has neither `features.N.*` nor `net.slice*` keys")
-        missing, _ = self.net.net.load_state_dict(mapped, strict=False)
-        if missing:
-            raise ValueError(f"LPIPS backbone weights incomplete, missing {missing[:4]}")
+        load_lpips_weights(self.net, state)
 
     def train(self, mode: bool = True) -> LPIPSLoss:
         # The backbone stays in eval mode (dropout off) whatever the parent does.

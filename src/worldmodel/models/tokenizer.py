@@ -22,8 +22,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from worldmodel.config import quantizer_problems, resolution
 from worldmodel.models.interfaces import Tokenizer
 from worldmodel.models.losses import (
     FrameDiscriminator,
@@ -312,6 +314,32 @@ class VideoTokenizer(nn.Module, Tokenizer):
     (+ `gan_start_step`; builds `self.discriminator`, which the loop steps with its own
     optimizer through `discriminator_loss`).
     """
+
+    @classmethod
+    def check_config(cls, model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """What `validate` reports about a config of this tokenizer, naming the keys: the
+        down-sampling factors, the frame size and clip length they must divide, the quantizer."""
+        errors: list[str] = []
+        s = int(model.get("spatial_downsample", 1))
+        t = int(model.get("temporal_downsample", 1))
+        if s < 1 or s & (s - 1):
+            errors.append(f"model.spatial_downsample={s}: expected a power of two")
+        if t not in (1, 2, 4):
+            errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
+        res = resolution(data)
+        if res is not None and s >= 1 and any(r % s for r in res):
+            errors.append(
+                f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
+            )
+        clip = data.get("clip_length")
+        if clip is not None and t in (2, 4) and (int(clip) - 1) % t:
+            errors.append(
+                f"data.clip_length={clip} does not fit model.temporal_downsample={t}: the first "
+                f"frame is encoded alone, so clip_length - 1 must be a multiple of {t}"
+            )
+        if "quantizer" in model:
+            errors.extend(quantizer_problems(model.quantizer))
+        return errors
 
     def __init__(
         self,

@@ -30,8 +30,10 @@ from typing import Any
 
 import torch
 from einops import rearrange
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from worldmodel.config import ConfigError, resolution
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import STTransformer, init_weights
 from worldmodel.models.tokenizer import VideoTokenizer
@@ -222,6 +224,39 @@ class CViViT(VideoTokenizer):
     embeddings). `rel_pos_bias` adds a learned relative-position bias to spatial attention.
     `quantizer`, `latent_dim` and the loss weights are as in `VideoTokenizer`.
     """
+
+    @classmethod
+    def check_config(cls, model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """The tokenizer's checks, and: position embeddings are learned for one frame size and up
+        to max_frames latent frames, which the training and evaluation clips must fit."""
+        errors = super().check_config(model, data, ev)
+        res = resolution(data)
+        try:
+            size = resolution({"resolution": model.get("image_size")})
+        except ConfigError:
+            errors.append(f"model.image_size={model.get('image_size')}: expected an int or [H, W]")
+            size = None
+        if res is not None and size is not None and size != res:
+            errors.append(f"model.image_size={list(size)} must equal data.resolution={list(res)}")
+        t, frames = int(model.get("temporal_downsample", 1)), int(model.get("max_frames", 16))
+        for key, clip in (
+            ("data.clip_length", data.get("clip_length")),
+            ("eval.clip_length", ev.get("clip_length")),
+        ):
+            if clip is None or t < 1:
+                continue
+            if (int(clip) - 1) % t:
+                if key == "eval.clip_length":  # data.clip_length: by super().check_config
+                    errors.append(
+                        f"{key}={clip} does not fit model.temporal_downsample={t}: the first "
+                        f"frame is encoded alone, so {key} - 1 must be a multiple of {t}"
+                    )
+            elif 1 + (int(clip) - 1) // t > frames:
+                errors.append(
+                    f"{key}={clip} makes {1 + (int(clip) - 1) // t} latent frames, more than "
+                    f"model.max_frames={frames}"
+                )
+        return errors
 
     def __init__(
         self,

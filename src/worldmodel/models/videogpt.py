@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import DictConfig
 from timm.layers import Mlp
 from torch import Tensor, nn
 
@@ -189,6 +190,21 @@ class VideoGPTCache:
 
 class VideoGPT(nn.Module, WorldModel):
     """Autoregressive transformer prior over (T, h, w) video tokens (VideoGPT)."""
+
+    @staticmethod
+    def check_config(model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """What `validate` reports about a config of this prior, naming the keys: its window
+        must hold a clip, and a clip more frames than the prompt."""
+        errors: list[str] = []
+        clip, frames = data.get("clip_length"), int(model.get("max_frames", 8))
+        if clip is not None and int(clip) > frames:
+            errors.append(f"data.clip_length={clip} exceeds model.max_frames={frames}")
+        cond = int(model.get("cond_frames", 1))
+        if clip is not None and not 0 <= cond < int(clip):
+            errors.append(f"model.cond_frames={cond} must be in [0, data.clip_length={clip})")
+        if int(model.get("dim", 128)) % int(model.get("heads", 4)):
+            errors.append(f"model.dim={model.dim} is not divisible by model.heads={model.heads}")
+        return errors
 
     def __init__(
         self,

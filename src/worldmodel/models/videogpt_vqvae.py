@@ -35,10 +35,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from worldmodel.config import quantizer_problems, resolution
+from worldmodel.metrics import psnr
 from worldmodel.models.interfaces import Tokenizer
-from worldmodel.models.losses import masked_mean, psnr_per_frame
+from worldmodel.models.losses import masked_mean
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.st_transformer import Attention
 
@@ -255,6 +258,40 @@ class VideoGPTVQVAE(nn.Module, Tokenizer):
 
     causal = False  # a latent frame reads the pixel frames on both sides of it
 
+    @staticmethod
+    def check_config(model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """What `validate` reports about a config of this VQ-VAE, naming the keys. It is not
+        causal: clips split into whole groups of temporal_downsample frames."""
+        errors: list[str] = []
+        s = int(model.get("spatial_downsample", 4))
+        t = int(model.get("temporal_downsample", 4))
+        if s not in (2, 4, 8):
+            errors.append(f"model.spatial_downsample={s}: expected 2, 4 or 8")
+        if t not in (1, 2, 4):
+            errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
+        res = resolution(data)
+        if res is not None and s >= 1 and any(r % s for r in res):
+            errors.append(
+                f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
+            )
+        if res is not None and resolution(model) != res:
+            errors.append(
+                f"model.resolution={model.get('resolution')} must equal data.resolution="
+                f"{list(res)} (it sizes the latent position embeddings)"
+            )
+        clip = data.get("clip_length")
+        if clip is not None and t >= 1 and int(clip) % t:
+            errors.append(
+                f"data.clip_length={clip} is not a multiple of model.temporal_downsample={t}"
+            )
+        if clip is not None and int(clip) > int(model.get("max_frames", 16)):
+            errors.append(f"data.clip_length={clip} exceeds model.max_frames={model.max_frames}")
+        if int(model.get("channels", 240)) % int(model.get("heads", 2)):
+            errors.append(f"model.channels={model.channels} is not divisible by model.heads")
+        if "quantizer" in model:
+            errors.extend(quantizer_problems(model.quantizer))
+        return errors
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -386,7 +423,7 @@ class VideoGPTVQVAE(nn.Module, Tokenizer):
             "l2": mse.detach(),
             "rec_loss": rec.detach(),
             "quantizer_loss": aux.detach().float(),
-            "psnr": masked_mean(psnr_per_frame(x_hat.detach(), x), weights),
+            "psnr": masked_mean(psnr(x_hat.detach(), x, reduction="none"), weights),
             "codebook/usage": stats["usage"],
             "codebook/perplexity": stats["perplexity"],
         }

@@ -1,4 +1,4 @@
-"""Dispatch of `task=train|eval|play|pipeline` to the code that does it (the top layer)."""
+"""Dispatch of `task=train|eval|play|pipeline|check` to the code that does it (the top layer)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from omegaconf import DictConfig
 
 from worldmodel.eval.runner import evaluate
 from worldmodel.play import play
-from worldmodel.tasks.pipeline import run_stages
+from worldmodel.tasks.pipeline import check_task, run_stages
 from worldmodel.tasks.train import train_task
 
 
@@ -25,6 +25,7 @@ TASKS: dict[str, Callable[[DictConfig], float | None]] = {
     "eval": _eval,
     "play": play,
     "pipeline": _pipeline,
+    "check": check_task,
 }
 
 

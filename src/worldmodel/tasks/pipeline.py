@@ -1,62 +1,154 @@
-"""`task=pipeline`: several training stages in one command (e.g. `experiment=demo`).
+"""`task=pipeline`: several training stages in one command (e.g. `experiment=demo`); `task=check`.
 
-Each stage is a config composed from the recipe's `common` overrides, the stage's own overrides
-and the command line's, trained (and evaluated) in a sub-folder of the run dir; later stages refer
-to earlier stages' checkpoints as `@NAME` (e.g. `model.pipeline.tokenizer_checkpoint=@tokenizer`).
+Each stage is a config composed from the recipe's `common` overrides, the stage's own overrides,
+the command line's overrides (they reach every stage) and `stage_overrides.<stage>` (the command
+line's overrides of that stage alone), trained (and evaluated) in a sub-folder of the run dir.
+Later stages refer to earlier stages' checkpoints as `@NAME` (e.g.
+`model.pipeline.tokenizer_checkpoint=@tokenizer`), which stands for the path that stage writes.
+Every stage is composed and validated before the first one trains, so a mistake in the last stage
+stops the command at once instead of after the earlier stages' training.
+
+`task=check` composes and validates the same way and prints each stage's config (a single run's
+config when there are no stages); it trains nothing.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from hydra.errors import HydraException
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
-from worldmodel.config import validate
+from worldmodel.config import ConfigError, causal_problems, validate
 from worldmodel.play import play
 from worldmodel.tasks.train import train_task
 
 log = logging.getLogger(__name__)
 
+# Command-line keys about the recipe itself, not about the stages' configs.
+RECIPE_KEYS = ("experiment", "task", "name", "hydra", "play", "stages", "common", "stage_overrides")
+# `key=@stage`: the checkpoint an earlier stage writes.
+STAGE_REF = re.compile(r"=@([A-Za-z0-9_]+)$")
+
+
+@dataclass
+class Stage:
+    """One stage of a recipe: its composed, validated config and the checkpoint it writes."""
+
+    name: str
+    label: str  # "stage 2/3 lam"
+    overrides: list[str]
+    cfg: DictConfig
+    checkpoint: Path
+
+
+def _about_recipe(override: str) -> bool:
+    key = override.lstrip("~+").split("=", 1)[0]
+    return re.split(r"[./@]", key, maxsplit=1)[0] in RECIPE_KEYS
+
 
 def _command_line_overrides() -> list[str]:
-    """The user's overrides of this run, passed on to every stage (not the recipe's own)."""
+    """The user's overrides of this run, passed on to every stage (not the recipe's own, nor
+    those about the recipe: its stages, `common`, `stage_overrides`, `play`)."""
     if not HydraConfig.initialized():
         return []
-    skip = ("experiment=", "task=", "hydra.", "play.", "+play.", "++play.")
-    return [o for o in HydraConfig.get().overrides.task if not o.startswith(skip)]
+    return [o for o in HydraConfig.get().overrides.task if not _about_recipe(o)]
+
+
+def _stage_overrides(cfg: DictConfig, name: str) -> list[str]:
+    extra = (cfg.get("stage_overrides") or {}).get(name)
+    if extra is None:
+        return []
+    if not isinstance(extra, ListConfig | list) or not all(isinstance(o, str) for o in extra):
+        raise ConfigError(
+            f"stage_overrides.{name}={extra}: expected a list of overrides, e.g. "
+            f'\'+stage_overrides.{name}=["trainer.max_minutes=1","model.dim=64"]\''
+        )
+    return [str(o) for o in extra]
+
+
+def compose_stages(cfg: DictConfig) -> list[Stage]:
+    """Every stage's config, composed and validated (ConfigError naming the stage otherwise).
+
+    `@NAME` references become the checkpoint paths the earlier stages will write; those files do
+    not exist yet, and nothing here reads them. A world model over an earlier stage's tokenizer
+    is also checked against that tokenizer's config (`causal_problems`).
+    """
+    run_dir = Path(cfg.run_dir)
+    names = list(cfg.stages)
+    user = _command_line_overrides()
+    common = [str(o) for o in cfg.get("common") or []]
+    stages: list[Stage] = []
+    errors: list[str] = []
+    for i, name in enumerate(names, 1):
+        label = f"stage {i}/{len(names)} {name}"
+        checkpoint = run_dir / name / "checkpoints" / "last.pt"
+        earlier = {s.name: s for s in stages}
+        overrides = []
+        for o in [*common, *(str(o) for o in cfg.stages[name].overrides), *user]:
+            ref = STAGE_REF.search(o)
+            if ref and ref.group(1) in earlier:
+                o = o[: ref.start()] + f"={earlier[ref.group(1)].checkpoint}"
+            elif ref:
+                errors.append(
+                    f"{label}: {o} names no earlier stage (earlier: {', '.join(earlier) or 'none'})"
+                )
+            overrides.append(o)
+        try:
+            overrides += _stage_overrides(cfg, name)
+            stage_cfg = compose(config_name="config", overrides=overrides)
+            with open_dict(stage_cfg):
+                stage_cfg.run_dir = str(run_dir / name)
+                stage_cfg.stage_label = label
+            validate(stage_cfg)
+        except (HydraException, OmegaConfBaseException, ConfigError) as e:
+            hint = (
+                f"\n    (command-line overrides reach every stage; one stage's go in "
+                f"'+stage_overrides.{name}=[\"key=value\"]')"
+                if user
+                else ""
+            )
+            message = str(e).strip().replace("\n", "\n    ")
+            errors.append(f"{label} ({' '.join(overrides)}):\n    {message}{hint}")
+            continue
+        tokenizer = (stage_cfg.model.get("pipeline") or {}).get("tokenizer_checkpoint")
+        for prev in earlier.values():
+            if tokenizer == str(prev.checkpoint):
+                for problem in causal_problems(prev.cfg.model, key=f"stages.{prev.name}: model"):
+                    errors.append(f"{label} reads the tokens of {prev.name}: {problem}")
+        stages.append(Stage(name, label, overrides, stage_cfg, checkpoint))
+    if errors:
+        raise ConfigError(
+            "a stage of the recipe is invalid (nothing was trained):\n  - " + "\n  - ".join(errors)
+        )
+    return stages
 
 
 def run_stages(cfg: DictConfig) -> dict[str, str]:
     """Train each stage of `cfg.stages` in order; returns the stages' checkpoint paths.
 
-    A stage's config is composed from `common`, the stage's own overrides and the command line's
-    overrides (so `python run.py experiment=demo logger=none` reaches every stage). When
-    `play.actions` is set, the last stage's model is played headless into `<run_dir>/play`.
+    Every stage is composed and validated first (`compose_stages`). A stage whose folder already
+    holds `eval.json` and `checkpoints/last.pt` is not trained again. When `play.actions` is set,
+    the last stage's model is played headless into `<run_dir>/play`.
     """
     run_dir = Path(cfg.run_dir)
-    user = _command_line_overrides()
+    stages = compose_stages(cfg)
     done: dict[str, str] = {}
-    for name, spec in cfg.stages.items():
-        overrides = [str(o) for o in spec.overrides]
-        for prev, path in done.items():
-            overrides = [o.replace(f"=@{prev}", f"={path}") for o in overrides]
-        overrides = [*cfg.get("common", []), *overrides, *user]
-        stage_cfg = compose(config_name="config", overrides=overrides)
-        with open_dict(stage_cfg):
-            stage_cfg.run_dir = str(run_dir / name)
-        log.info("stage %s: %s", name, " ".join(overrides))
-        validate(stage_cfg)
-        last = Path(stage_cfg.run_dir) / "checkpoints" / "last.pt"
-        if (Path(stage_cfg.run_dir) / "eval.json").exists() and last.exists():
-            log.info("stage %s already done in %s", name, stage_cfg.run_dir)
+    for stage in stages:
+        log.info("%s: %s", stage.label, " ".join(stage.overrides))
+        if (Path(stage.cfg.run_dir) / "eval.json").exists() and stage.checkpoint.exists():
+            log.info("%s already done in %s", stage.label, stage.cfg.run_dir)
         else:
-            train_task(stage_cfg)
-        done[name] = str(last)
+            train_task(stage.cfg)
+        done[stage.name] = str(stage.checkpoint)
     (run_dir / "stages.json").write_text(json.dumps(done, indent=2))
     if cfg.play.get("actions") and done:
         with open_dict(cfg):
@@ -64,6 +156,18 @@ def run_stages(cfg: DictConfig) -> dict[str, str]:
             cfg.run_dir = str(run_dir / "play")
         play(cfg)
     return done
+
+
+def check_task(cfg: DictConfig) -> None:
+    """`task=check`: compose and validate (every stage of a recipe) and print the configs, as
+    Hydra's `--cfg job` prints one; nothing is trained."""
+    if not cfg.get("stages"):
+        print(OmegaConf.to_yaml(cfg))
+        return
+    for stage in compose_stages(cfg):
+        print(f"# {stage.label}: {' '.join(stage.overrides)}")
+        print(OmegaConf.to_yaml(stage.cfg))
+    print(f"# {len(cfg.stages)} stages composed and validated; nothing trained")
 
 
 def stage_summary(run_dir: str | Path) -> dict[str, Any]:
