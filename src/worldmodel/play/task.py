@@ -177,7 +177,9 @@ def play(cfg: DictConfig) -> dict[str, Any]:
     need_data = settings["prompt_image"] is None or (
         need_mapping and not world.true_to_model_actions
     )
-    pixels = pixel_val(cfg.data) if need_data else None
+    # prompts and the key mapping come from the data the world was trained on
+    data_cfg = world.config.get("data") or cfg.data
+    pixels = pixel_val(data_cfg) if need_data else None
     mapping = true_to_model_actions(world, pixels) if need_mapping else {}
 
     prompt = load_prompt(settings, world, pixels)
@@ -185,7 +187,7 @@ def play(cfg: DictConfig) -> dict[str, Any]:
         return play_typed(cfg, world, prompt, settings)
     world.reset(prompt)
     if settings["interactive"]:
-        keys, moves = key_actions(settings, cfg.data, mapping, world.num_actions)
+        keys, moves = key_actions(settings, data_cfg, mapping, world.num_actions)
         legend = help_line(world.num_actions, moves, world.action_source)
         frames, actions = run_interactive(world, keys, legend, KeyReader())
     else:

@@ -28,8 +28,11 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, causal_problems, validate
+from worldmodel.eval.world import pixel_val
 from worldmodel.play import play
+from worldmodel.play.task import true_to_model_actions
 from worldmodel.tasks.train import train_task
+from worldmodel.world import World
 
 log = logging.getLogger(__name__)
 
@@ -150,12 +153,32 @@ def run_stages(cfg: DictConfig) -> dict[str, str]:
             train_task(stage.cfg)
         done[stage.name] = str(stage.checkpoint)
     (run_dir / "stages.json").write_text(json.dumps(done, indent=2))
+    world_file = export_world(stages[-1], run_dir) if stages else None
     if cfg.play.get("actions") and done:
         with open_dict(cfg):
             cfg.checkpoint = list(done.values())[-1]
             cfg.run_dir = str(run_dir / "play")
         play(cfg)
+    if world_file is not None:
+        log.info(
+            "the world this run made: %s\n  play it: python run.py task=play checkpoint=%s "
+            "play.interactive=true",
+            world_file,
+            world_file,
+        )
     return done
+
+
+def export_world(last: Stage, run_dir: Path) -> Path | None:
+    """`<run_dir>/world.safetensors`: the last stage's world with its frozen parts and the
+    game's actions mapped to the model's (learned on the validation split for latent actions);
+    None when the last stage is not a world model."""
+    checkpoint = Path(last.checkpoint)
+    if last.cfg.model.get("pipeline") is None or not checkpoint.exists():
+        return None
+    world = World.from_checkpoint(checkpoint)
+    world.true_to_model_actions = true_to_model_actions(world, pixel_val(last.cfg.data))
+    return world.export(run_dir / "world.safetensors", recipe=str(last.cfg.get("name", "")))
 
 
 def check_task(cfg: DictConfig) -> None:
