@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from worldmodel.eval.control import (
     control_accuracy,
     control_chance,
+    control_hits,
     control_report,
     real_transition_accuracy,
     train_idm,
@@ -174,3 +175,18 @@ def test_control_accuracy_flat_inputs_and_unknown_commands(trained_idm) -> None:
     assert real_transition_accuracy(trained_idm, clips) > 0.9
     with pytest.raises(ValueError, match="actions"):
         control_accuracy(trained_idm, prev, nxt, actions[:5])
+
+
+def test_control_hits_per_transition(trained_idm) -> None:
+    clips = SquareClips(8, 4, seed=4)
+    prev, nxt = clips.video[:, :, :-1], clips.video[:, :, 1:]
+    actions = clips.actions[:, :-1].clone()  # (B, T-1)
+    actions[0, 1] = -1  # unknown: never a hit, left out of the accuracy
+    hits = control_hits(trained_idm, prev, nxt, actions)
+    assert hits.shape == actions.shape and hits.dtype == torch.bool and not hits[0, 1]
+    known = actions >= 0
+    assert control_accuracy(trained_idm, prev, nxt, actions) == pytest.approx(
+        hits[known].double().mean().item()
+    )
+    wrong = (actions + 1) % NUM_ACTIONS  # a command the frames do not show
+    assert control_hits(trained_idm, prev, nxt, wrong).double().mean() < 0.2

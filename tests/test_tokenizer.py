@@ -267,3 +267,21 @@ def test_training_raises_psnr() -> None:
         end = float(model.loss(batch)[1]["psnr"])
     assert end > start + 5.0, (start, end)
     assert end > float(mean_colour) + 5.0, (float(mean_colour), end)
+
+
+def test_the_previous_frame_refiner_starts_as_identity_and_trains() -> None:
+    torch.manual_seed(0)
+    tok = VideoTokenizer(
+        channels=[16],
+        spatial_downsample=8,
+        quantizer={"kind": "fsq", "levels": [5, 5]},
+        refiner_width=8,
+    )
+    video = torch.rand(2, 3, 3, 32, 32) * 2 - 1
+    indices = tok.tokenize(video)
+    coarse = tok.detokenize(indices)
+    assert torch.equal(tok.detokenize(indices, previous=video[:, :, 0]), coarse)  # zero-init
+    loss, metrics = tok.loss({"video": video})
+    assert "refine_l2" in metrics and "psnr_refined" in metrics
+    loss.backward()
+    assert tok.refiner.out.weight.grad.abs().sum() > 0  # the refiner learns from the loss

@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, compose_config
+from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from test_world_eval import build_world
+from test_world_eval import DATA, DYNAMICS, TOKENIZER, _save, build_world
 
 from worldmodel.eval.runner import evaluate
-from worldmodel.world import World, read_world_metadata
+from worldmodel.world import World, read_world_metadata, to_uint8_frame
 
 
 @pytest.fixture(scope="module")
@@ -112,3 +113,24 @@ def test_the_export_command_writes_a_world(world, tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "wrote" in done.stdout and read_world_metadata(out)["dtype"] == "float16"
+
+
+def test_a_refining_world_starts_from_its_prompt_and_decodes_from_the_last_frame(tmp_path):
+    torch.manual_seed(0)
+    cfg = compose_config(DATA)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    tokenizer = _save({**TOKENIZER, "refiner_width": 8}, data, tmp_path / "tokenizer.pt")
+    pipeline = {"tokenizer_checkpoint": str(tokenizer), "action_source": "true"}
+    dyn = {**DYNAMICS, "vocab_size": 125, "num_actions": 15, "pipeline": pipeline}
+    w = World.load(_save(dyn, data, tmp_path / "dynamics.pt"))
+    assert w.tokenizer.refines
+    first = w.reset(PROMPT)
+    assert np.array_equal(first, PROMPT)  # the prompt itself, not its coarse decoding
+    frames = w.rollout([1, 2, 3])
+    assert frames.shape == (4, 64, 64, 3)
+    # a fresh refiner adds nothing: each frame equals its tokens' coarse decoding
+    coarse = w.decode(w.state.tokens[:, 1:])
+    assert np.array_equal(frames[-1], to_uint8_frame(coarse[0, :, -1]))
+    with torch.no_grad():
+        w.tokenizer.refiner.out.bias.fill_(0.5)  # a refiner that changes frames
+    assert not np.array_equal(w.rollout([1, 2, 3])[-1], frames[-1])

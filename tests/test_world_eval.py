@@ -137,14 +137,15 @@ def test_evaluate_dynamics_reports_every_metric_and_media(world, tmp_path):
         "token_acc",
         "masked_acc",
         "ce",
-        "copy_last_psnr",
+        "next_frame_psnr_changing",
+        "next_frame_copy_psnr_changing",
         "tokenizer_psnr",
     ):
         assert _finite(metrics[key]), key
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
     assert 0 <= metrics["token_acc"] <= 1 and 0 <= metrics["masked_acc"] <= 1
-    # a random model cannot beat copying the last real frame on CoinRun
-    assert metrics["copy_last_psnr"] > metrics["psnr"] + 5
+    # a random model cannot beat copying the previous real frame on the frames that change
+    assert metrics["next_frame_copy_psnr_changing"] > metrics["next_frame_psnr_changing"] + 5
     assert len(metrics["rollout_psnr"]) == len(metrics["rollout_psnr_random"]) == horizon
     assert metrics["rollout_psnr"] != metrics["rollout_psnr_random"]  # random actions were used
     for t in range(1, horizon + 1):
@@ -153,6 +154,7 @@ def test_evaluate_dynamics_reports_every_metric_and_media(world, tmp_path):
         assert metrics[f"delta_psnr_t{t}_stderr"] > 0
     assert metrics["delta_psnr_horizon"] == 4 and metrics["delta_psnr"] == metrics["delta_psnr_t4"]
     assert metrics["delta_psnr_clips"] == n
+    assert metrics["delta_psnr_clusters"] == 4  # 8 clips from the 4 episodes of the val split
     assert metrics["fvd_random_features"] > 0  # real clips vs noise-like generated ones
     assert metrics["gen_fps"] > 0
     json.dumps(metrics)  # eval.json-ready
@@ -195,15 +197,25 @@ def test_evaluate_lam_reports_codes_and_agreement_with_true_actions(world, tmp_p
     metrics, media, n = W.evaluate_lam(model, cfg, tmp_path)
 
     assert n == 8
-    for key in ("psnr", "ssim", "random_action_psnr", "copy_last_psnr", "delta_psnr"):
+    for key in (
+        "psnr",
+        "ssim",
+        "random_action_psnr",
+        "delta_psnr",
+        "next_frame_psnr_changing",
+        "next_frame_copy_psnr_changing",
+    ):
         assert _finite(metrics[key]), key
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
+    assert 0 < metrics["changing_fraction"] <= 1
     # 8 clips of 10 frames: 9 transitions each, one code per transition
     fractions = metrics["codebook/fraction"]
     assert len(fractions) == 4 and sum(fractions) == pytest.approx(1.0)
     assert 0 < metrics["codebook/usage"] <= 1 and 1 <= metrics["codebook/perplexity"] <= 4
     assert metrics["action_pairs"] == 8 * 9
-    assert 0 <= metrics["action_nmi"] <= 1 and 0 < metrics["action_agreement"] <= 1
+    assert "action_agreement" not in metrics  # a collapsed LAM scored 1.0 on it
+    for key in ("action_nmi", "action_nmi_chance", "action_purity", "action_purity_chance"):
+        assert 0 <= metrics[key] <= 1, key
     confusion = np.array(metrics["action_confusion"])
     assert confusion.shape == (15, 4) and confusion.sum() == 8 * 9
     for action, code in metrics["action_mapping"].items():  # the most frequent code per action
@@ -214,18 +226,26 @@ def test_evaluate_lam_reports_codes_and_agreement_with_true_actions(world, tmp_p
 
 
 def test_alignment_of_codes_with_true_actions(tmp_path):
-    """Codes that rename the true actions align perfectly; codes independent of them do not."""
+    """Codes that rename the true actions align perfectly; codes independent of them, or one
+    code for everything, score their chance levels."""
     torch.manual_seed(0)
     true = torch.randint(0, 6, (2000,))
     true[:10] = -1  # unknown actions are left out
     renamed = torch.tensor([3, 0, 4, 1, 5, 2])[true.clamp_min(0)]
     metrics, path = W._alignment(true, renamed, 6, 6, tmp_path / "confusion.png")
-    assert metrics["action_nmi"] == pytest.approx(1.0) and metrics["action_agreement"] == 1.0
+    assert metrics["action_nmi"] == pytest.approx(1.0) and metrics["action_purity"] == 1.0
+    assert metrics["action_nmi_chance"] < 0.05 and metrics["action_purity_chance"] < 0.3
     assert metrics["action_mapping"] == {"0": 3, "1": 0, "2": 4, "3": 1, "4": 5, "5": 2}
     assert metrics["action_pairs"] == 1990 and path.is_file()
     noise = torch.randint(0, 6, (2000,))
     metrics, _ = W._alignment(true, noise, 6, 6, tmp_path / "noise.png")
-    assert metrics["action_nmi"] < 0.05 and metrics["action_agreement"] < 0.3
+    assert metrics["action_nmi"] < 0.05 and metrics["action_purity"] < 0.3
+    assert metrics["action_purity"] == pytest.approx(metrics["action_purity_chance"], abs=0.05)
+    collapsed, _ = W._alignment(true, torch.zeros_like(true), 6, 6, tmp_path / "one.png")
+    assert collapsed["action_nmi"] == pytest.approx(0.0, abs=1e-9)
+    assert collapsed["action_nmi_chance"] == pytest.approx(0.0, abs=1e-9)
+    assert collapsed["action_purity"] == pytest.approx(collapsed["action_purity_chance"])
+    assert collapsed["action_purity"] < 0.3
     assert W._alignment(torch.full((5,), -1), noise[:5], 6, 6, tmp_path / "none.png") == ({}, None)
 
 

@@ -55,18 +55,43 @@ PARTS = ("tokenizer", "lam", "dynamics")
 
 
 @torch.no_grad()
-def decode_tokens(tokenizer: Tokenizer, tokens: Tensor, bf16: bool = True) -> Tensor:
+def decode_tokens(
+    tokenizer: Tokenizer, tokens: Tensor, bf16: bool = True, previous: Tensor | None = None
+) -> Tensor:
     """Token grids (B, T, h, w) -> video (B, C, T, H, W) in [-1, 1], each frame decoded alone.
 
     The pipeline tokenizes every frame alone, so frames are decoded alone too: a generated frame
-    then never borrows detail from the real frames around it through the decoder.
+    then never borrows detail from the real frames around it through the decoder. A tokenizer
+    that `refines` then decodes each frame with the one before it, starting from `previous`
+    (B, C, H, W), the frame before the clip (as a rollout runs: each from the one it decoded).
     """
     b = tokens.shape[0]
     frames = rearrange(tokens, "b t h w -> (b t) 1 h w")  # every frame its own 1-frame clip
     with autocast(tokens.device, bf16):
         video = tokenizer.detokenize(frames)  # (B T, C, 1, H, W)
-    video = video.float().clamp(-1.0, 1.0)
-    return rearrange(video, "(b t) c 1 h w -> b c t h w", b=b)
+    video = rearrange(video.float().clamp(-1.0, 1.0), "(b t) c 1 h w -> b c t h w", b=b)
+    if previous is None or not tokenizer.refines:
+        return video
+    out = []
+    for t in range(video.shape[2]):
+        with autocast(tokens.device, bf16):
+            previous = tokenizer.refine(video[:, :, t : t + 1], previous[:, :, None])[:, :, 0]
+        previous = previous.float().clamp(-1.0, 1.0)
+        out.append(previous)
+    return torch.stack(out, dim=2)
+
+
+@torch.no_grad()
+def decode_teacher_forced(
+    tokenizer: Tokenizer, tokens: Tensor, previous: Tensor, bf16: bool = True
+) -> Tensor:
+    """Token grids (B, T, h, w), each frame decoded with its own real previous frame
+    `previous` (B, C, T, H, W) (next-frame prediction; the tokenizer's ceiling)."""
+    video = decode_tokens(tokenizer, tokens, bf16)
+    if not tokenizer.refines:
+        return video
+    with autocast(tokens.device, bf16):
+        return tokenizer.refine(video, previous).float().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -144,6 +169,7 @@ class PlayState:
     actions: Tensor  # (1, L - 1)
     cache: Any
     generator: torch.Generator
+    last: Tensor  # (1, C, H, W) in [-1, 1]: the newest frame, which a refining tokenizer reads
     frames: list[np.ndarray] = field(default_factory=list)
     actions_taken: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
@@ -190,6 +216,7 @@ class World:
         self.steps, self.temperature, self.seed = 4, 1.0, 0
         self.state: PlayState | None = None
         self.prompt_tokens: Tensor | None = None
+        self.prompt_pixels: Tensor | None = None  # (1, C, H, W) in [-1, 1]
         self.step_count = 0  # training steps of the world model
         self.cache_key = ""  # names this world's frozen parts in token caches (set by loaders)
 
@@ -381,24 +408,42 @@ class World:
             return self.tokenizer.tokenize(frames.to(self.device))
 
     @torch.no_grad()
-    def decode(self, tokens: Tensor) -> Tensor:
+    def decode(self, tokens: Tensor, previous: Tensor | None = None) -> Tensor:
         """The world model's token grids (B, T, h, w) -> video (B, C, T, H, W) in [-1, 1]:
-        through the model's own codes when it has them, else the tokenizer's."""
+        through the model's own codes when it has them, else the tokenizer's; a tokenizer that
+        refines decodes each frame with the one before it, from `previous` (B, C, H, W)."""
         tokens = tokens.to(self.device)
         if not self.dynamics.own_codes:
+            if self.frames_per_latent == 1:
+                return decode_tokens(self.tokenizer, tokens, self.bf16, previous)
             return decode_clip(self.tokenizer, tokens, self.bf16)
         with autocast(self.device, self.bf16):
             video = self.dynamics.decode_pixels(self.tokenizer, tokens)
         return video.float().clamp(-1.0, 1.0)
 
     @torch.no_grad()
-    def decode_after(self, context: Tensor, new: Tensor) -> Tensor:
+    def decode_teacher_forced(self, tokens: Tensor, previous: Tensor) -> Tensor:
+        """Token grids (B, T, h, w) of per-frame tokens, each frame decoded with its own real
+        previous frame `previous` (B, C, T, H, W) (next-frame prediction)."""
+        tokens = tokens.to(self.device)
+        if self.dynamics.own_codes or not self.tokenizer.refines:
+            return self.decode(tokens)
+        return decode_teacher_forced(self.tokenizer, tokens, previous.to(self.device), self.bf16)
+
+    @torch.no_grad()
+    def decode_after(
+        self, context: Tensor, new: Tensor, context_frame: Tensor | None = None
+    ) -> Tensor:
         """The pixel frames (B, C, n, H, W) of the latent frames `new` (B, t, h, w) that follow
-        `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone; tokens of a tokenizer
-        that compresses time with their context as one clip, keeping the new k * t frames."""
+        `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone (a refining tokenizer
+        starts from `context_frame` (B, C, H, W), the last context frame's pixels when known,
+        else its decoding); tokens of a tokenizer that compresses time are decoded with their
+        context as one clip, keeping the new k * t frames."""
         k = self.frames_per_latent
         if k == 1:
-            return self.decode(new)
+            if self.tokenizer.refines and context_frame is None:
+                context_frame = self.decode(context[:, -1:])[:, :, 0]
+            return self.decode(new, context_frame)
         video = decode_clip(
             self.tokenizer, torch.cat([context, new], dim=1).to(self.device), self.bf16
         )
@@ -475,17 +520,23 @@ class World:
                 latents = rearrange(self.tokenizer.encode(video), "b d t h w -> b t h w d")
                 tokens = self.dynamics.encode(latents.float())[:, 0]  # its own codes (1, h, w)
             self.prompt_tokens = tokens[:, None].long()  # (1, 1, h, w)
+            x = torch.from_numpy(frame).to(self.device)
+            self.prompt_pixels = rearrange(x, "h w c -> 1 c h w").float().div(127.5).sub(1)
         if self.prompt_tokens is None:
             raise ValueError("reset() needs a prompt picture the first time")
-        first = self._frame(self.prompt_tokens)
+        if self.tokenizer.refines:  # decoding starts from the prompt itself
+            last = self.prompt_pixels
+        else:
+            last = self.decode(self.prompt_tokens)[:, :, 0]
         self.state = PlayState(
             tokens=self.prompt_tokens,
             actions=torch.zeros(1, 0, dtype=torch.long, device=self.device),
             cache=None,
             generator=self.generator(self.seed),
-            frames=[first],
+            last=last,
+            frames=[to_uint8_frame(last[0])],
         )
-        return first
+        return self.state.frames[0]
 
     def check_action(self, action: Any) -> int:
         if isinstance(action, bool) or not isinstance(action, int | np.integer):
@@ -524,7 +575,8 @@ class World:
                 generator=s.generator,
                 cache=s.cache,
             )  # (1, h, w)
-        frame = self._frame(new[:, None])
+        s.last = self.decode(new[:, None], s.last)[:, :, 0]  # (1, C, H, W)
+        frame = to_uint8_frame(s.last[0])
         s.tokens = torch.cat([s.tokens, new[:, None]], dim=1)
         s.actions = actions
         s.step_seconds.append(time.perf_counter() - start)
@@ -564,10 +616,6 @@ class World:
         if last is not None:
             times = times[-last:]
         return len(times) / sum(times) if times else 0.0
-
-    def _frame(self, tokens: Tensor) -> np.ndarray:
-        """One token grid (1, 1, h, w) -> its picture (H, W, 3) uint8."""
-        return to_uint8_frame(self.decode(tokens)[0, :, 0])
 
 
 def world_checkpoint(folder: Path) -> Path:

@@ -163,11 +163,11 @@ def cached_idm(
     return model
 
 
-def _flatten_transitions(
+def _pairs(
     prev_frames: Tensor, next_frames: Tensor, actions: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, C, T, H, W) x2 and (B, T), or (B, C, H, W) x2 and (B,) -> frames (N, C, H, W) x2, (N,)
-    with unknown actions (< 0) dropped."""
+    """(B, C, T, H, W) x2 and (B, T), or (B, C, H, W) x2 and (B,) -> frames (N, C, H, W) x2 and
+    actions (N,) on the frames' device, every transition kept."""
     if prev_frames.shape != next_frames.shape:
         raise ValueError(f"frames differ: {tuple(prev_frames.shape)} {tuple(next_frames.shape)}")
     if prev_frames.ndim == 5:
@@ -178,12 +178,41 @@ def _flatten_transitions(
             f"{actions.numel()} actions for {prev_frames.shape[0]} transitions (actions must be "
             f"(B, T) for (B, C, T, H, W) frames, (B,) for (B, C, H, W))"
         )
-    actions = actions.reshape(-1).to(prev_frames.device)
+    return prev_frames, next_frames, actions.reshape(-1).to(prev_frames.device)
+
+
+def _flatten_transitions(
+    prev_frames: Tensor, next_frames: Tensor, actions: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`_pairs` with the transitions of unknown actions (< 0) dropped."""
+    prev, nxt, actions = _pairs(prev_frames, next_frames, actions)
     keep = actions >= 0
-    return prev_frames[keep], next_frames[keep], actions[keep]
+    return prev[keep], nxt[keep], actions[keep]
 
 
 @torch.no_grad()
+def control_hits(
+    idm: InverseDynamicsModel,
+    prev_frames: Tensor,
+    next_frames: Tensor,
+    actions: Tensor,
+    batch_size: int = 256,
+) -> Tensor:
+    """Whether the IDM labels each transition with its action: bool of the shape of `actions`
+    ((B, T) for frames (B, C, T, H, W), (B,) for (B, C, H, W)), on the CPU; False where the
+    action is unknown (< 0). Per-clip rows give per-clip accuracies (for clustered errors)."""
+    prev, nxt, flat = _pairs(prev_frames, next_frames, actions)
+    keep = flat >= 0
+    hits = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
+    if bool(keep.any()):
+        idm.eval()
+        device = next(idm.parameters()).device
+        chunks = zip(prev[keep].split(batch_size), nxt[keep].split(batch_size))
+        labels = torch.cat([idm.predict(p.to(device), n.to(device)) for p, n in chunks])
+        hits[keep] = labels.to(flat.device) == flat[keep]
+    return hits.reshape(actions.shape).cpu()
+
+
 def control_accuracy(
     idm: InverseDynamicsModel,
     prev_frames: Tensor,
@@ -201,15 +230,11 @@ def control_accuracy(
     Returns:
         Accuracy in [0, 1]; nan when no transition has a known action.
     """
-    prev, nxt, actions = _flatten_transitions(prev_frames, generated_frames, commanded_actions)
-    if actions.numel() == 0:
+    hits = control_hits(idm, prev_frames, generated_frames, commanded_actions, batch_size)
+    known = commanded_actions.reshape(-1).cpu() >= 0
+    if not bool(known.any()):
         return float("nan")
-    idm.eval()
-    device = next(idm.parameters()).device
-    correct = 0
-    for p, n, a in zip(prev.split(batch_size), nxt.split(batch_size), actions.split(batch_size)):
-        correct += int((idm.predict(p.to(device), n.to(device)) == a.to(device)).sum())
-    return correct / actions.numel()
+    return float(hits.reshape(-1)[known].double().mean())
 
 
 def control_chance(commanded_actions: Tensor) -> float:

@@ -27,6 +27,7 @@ from worldmodel.eval import metrics as M
 from worldmodel.eval.text_video import evaluate_text_video
 from worldmodel.eval.world import evaluate_dynamics, evaluate_lam
 from worldmodel.media import save_gif, save_grid, save_mp4, side_by_side
+from worldmodel.metrics import RunningMeans
 from worldmodel.models.interfaces import LatentActions, Tokenizer, WorldModel
 from worldmodel.pipeline import frames_per_latent
 from worldmodel.runtime import autocast, resolve_device, set_threads
@@ -133,7 +134,7 @@ def evaluate_tokenizer(
     loader = DataLoader(subset, batch_size=int(cfg.eval.batch_size))
     lpips = _lpips(cfg)
     lpips = lpips.to(device) if lpips is not None else None
-    sums: dict[str, float] = {}
+    means = RunningMeans()
     all_indices, shown = [], None
     n = 0
     bf16 = cfg.trainer.precision == "bf16"
@@ -146,14 +147,13 @@ def evaluate_tokenizer(
         scores = {"psnr": M.psnr(recon, video), "ssim": M.ssim(recon, video)}
         if lpips is not None:
             scores["lpips"] = lpips(recon, video)
-        for k, v in scores.items():
-            sums[k] = sums.get(k, 0.0) + float(v) * b
+        means.update(scores, b)
         n += b
         all_indices.append(indices.flatten().cpu())
         if shown is None:
             k = int(cfg.eval.media_samples)
             shown = (video[:k].cpu(), recon[:k].cpu())
-    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    metrics = means.result()
     stats = M.codebook_stats(torch.cat(all_indices), int(model.codebook_size))
     metrics.update({f"codebook/{k}": float(v) for k, v in stats.items()})
     metrics["tokens_per_frame"] = float(indices[0, 0].numel())  # per latent frame

@@ -43,6 +43,7 @@ from worldmodel.data.dataset import val_subset
 from worldmodel.data.procgen import PROCGEN_NUM_ACTIONS
 from worldmodel.eval.world import seeded, token_val
 from worldmodel.media import save_gif, save_mp4, side_by_side
+from worldmodel.metrics import RunningMeans
 from worldmodel.runtime import autocast
 from worldmodel.world import World, decode_clip
 
@@ -165,14 +166,9 @@ def evaluate_text_video(
         batch_size=int(ev.batch_size),
     )
     gen = world.generator(seed)
-    sums: dict[str, float] = {}
-    per_game: dict[str, list[float]] = {g: [0.0, 0.0] for g in games}
+    means = RunningMeans()
     n = 0
     shown: tuple[Tensor, Tensor] | None = None
-
-    def add(key: str, value: Tensor | float, count: int) -> None:
-        sums[key] = sums.get(key, 0.0) + float(value) * count
-
     for i, batch in enumerate(loader):
         labels = game_labels(batch["actions"])  # on the CPU, as the classifier
         batch = {k: v[:, : model.max_frames].to(world.device) for k, v in batch.items()}
@@ -181,9 +177,9 @@ def evaluate_text_video(
         texts = model.texts_of(batch)
         with seeded(seed + i), autocast(world.device, bf16):
             _, loss_metrics = model.loss(batch)
-        add("ce", loss_metrics["ce"], b)
-        add("masked_acc", loss_metrics["masked_acc"], b)
-        add("classifier_val_acc", (clf(tokens.cpu()).argmax(-1) == labels).float().mean(), b)
+        means.add("ce", loss_metrics["ce"], b)
+        means.add("masked_acc", loss_metrics["masked_acc"], b)
+        means.add("classifier_val_acc", (clf(tokens.cpu()).argmax(-1) == labels).float().mean(), b)
         t = tokens.shape[1]
         with autocast(world.device, bf16):
             nxt = model.generate_next(
@@ -193,24 +189,20 @@ def evaluate_text_video(
             fake_guided = model.sample(
                 texts, t, steps=steps, temperature=temperature, generator=gen, cond_scale=guided
             )
-        add("next_frame_token_acc", (nxt == tokens[:, -1]).float().mean(), b)
+        means.add("next_frame_token_acc", (nxt == tokens[:, -1]).float().mean(), b)
         hit = clf(fake.cpu()).argmax(-1) == labels
-        add("text_game_recognition", hit.float().mean(), b)
-        add(
+        means.add("text_game_recognition", hit.float().mean(), b)
+        means.add(
             f"text_game_recognition_cfg{guided:g}",
             (clf(fake_guided.cpu()).argmax(-1) == labels).float().mean(),
             b,
         )
         for label, ok in zip(labels.tolist(), hit.tolist()):
-            per_game[games[label]][0] += float(ok)
-            per_game[games[label]][1] += 1
+            means.add(f"text_game_recognition/{games[label]}", float(ok), 1)
         if shown is None:
             shown = (tokens, fake_guided)
             shown_texts = texts
-    metrics: dict[str, Any] = {k: v / max(n, 1) for k, v in sums.items()}
-    for game, (hits, count) in per_game.items():
-        if count:
-            metrics[f"text_game_recognition/{game}"] = hits / count
+    metrics: dict[str, Any] = means.result()  # per game: only the games of the scored clips
     metrics["classifier_steps"] = int(ev.get("classifier_steps", 300))
     metrics["cond_scale_guided"] = guided
 

@@ -1,20 +1,32 @@
 """World-model evaluation (`task=eval`): the latent action model and the dynamics model.
 
 `evaluate_lam` scores a latent action model on pixel clips: the next-frame prediction of its
-decoder (teacher-forced: real past frames, the code the encoder inferred for the transition), how
-much of its tiny codebook it uses, and -- where the data has true actions -- how well its codes
-agree with them (NMI, confusion matrix, the true-action -> code mapping, agreement).
+decoder (teacher-forced: real past frames, the code the encoder inferred for the transition)
+beside copying the previous frame on the frames that change, how much of its tiny codebook it
+uses, and -- where the data has true actions -- how well its codes agree with them (NMI and
+purity, each beside its chance level; the confusion matrix and the true-action -> code mapping).
 
-`evaluate_dynamics` scores a dynamics model the way Genie does, in pixels through its frozen
-tokenizer: teacher-forced next-frame PSNR/SSIM, autoregressive rollout PSNR against the horizon,
-ΔtPSNR (rollouts with the inferred or true actions minus rollouts with random actions, paired per
-clip), an FVD-style distance between real and generated clips, and generation speed. Token clips
-come from `worldmodel.pipeline.token_datasets` and pixel clips from the same split with the same
-enumeration, so clip i of both is the same frames. With a tokenizer that compresses time (C-ViViT,
-a temporal VQ-VAE) a latent frame covers several pixel frames (`FrameLayout`): generated latent
-frames are decoded together with the real latent frames before them, as one clip, and scored
-against the pixel frames they cover, so rollout curves and ΔtPSNR count pixel frames for every
-tokenizer.
+`evaluate_dynamics` scores a world the way Genie does, in pixels through its frozen tokenizer,
+and beside what trivial models get (DESIGN.md, "Evaluation principles"):
+
+- next-frame PSNR/SSIM (teacher-forced) and autoregressive rollout PSNR against the horizon;
+- on the frames that change (about a fifth of consecutive CoinRun frames are identical), the
+  PSNR of the pooled MSE of the rollout, of copying the last context frame and of copying the
+  previous real frame, per horizon: numbers an exact repeat cannot inflate;
+- ΔtPSNR: rollouts under the clips' own actions minus rollouts under uniformly random actions
+  (the headline `delta_psnr`, Genie's definition) and minus rollouts under the real actions of
+  another clip, paired per clip, with standard errors clustered by episode;
+- control accuracy: the world rolls out under commanded true actions and an inverse-dynamics
+  model trained on the data's real train transitions reads the actions back
+  (`eval.control`), beside the same IDM on real transitions (the ceiling) and chance;
+- an FVD-style distance between real and generated clips, and generation speed.
+
+Token clips come from `worldmodel.pipeline.token_datasets` and pixel clips from the same split
+with the same enumeration, so clip i of both is the same frames. With a tokenizer that
+compresses time (C-ViViT, a temporal VQ-VAE) a latent frame covers several pixel frames
+(`FrameLayout`): generated latent frames are decoded together with the real latent frames before
+them, as one clip, and scored against the pixel frames they cover, so rollout curves and ΔtPSNR
+count pixel frames for every tokenizer.
 
 Both return `(metrics, media, num_clips)` for `eval.runner.evaluate`, which writes eval.json.
 Sampling uses a fixed `torch.Generator` (seed `cfg.seed`) and the masked-token loss runs under a
@@ -26,7 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,15 +48,18 @@ import torch
 from einops import rearrange
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from worldmodel.config import instantiate
-from worldmodel.data.dataset import val_subset
+from worldmodel.data.dataset import ClipDataset, val_subset
 from worldmodel.data.tokens import token_cache
 from worldmodel.eval import metrics as M
+from worldmodel.eval.control import cached_idm, control_accuracy, control_chance, control_hits
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
+from worldmodel.metrics import RunningMeans
+from worldmodel.models.idm import InverseDynamicsModel
 from worldmodel.models.interfaces import LatentActions
 from worldmodel.runtime import autocast
 from worldmodel.world import FrameLayout, World
@@ -114,9 +129,24 @@ def true_action_mapping(
     return confusion, M.action_mapping(confusion)
 
 
+def clip_episodes(clips: ClipDataset, indices: Sequence[int]) -> np.ndarray:
+    """The episode (index into `clips.episodes`) each clip `indices[i]` of a clip dataset is cut
+    from, (N,) int64: clips of one episode share its level and frames, so their errors are
+    clustered by it."""
+    offsets = np.array([int(e["offset"]) for e in clips.episodes], dtype=np.int64)
+    order = np.argsort(offsets, kind="stable")
+    starts = clips.starts[np.asarray(indices, dtype=np.int64)]
+    # the last episode starting at or before each clip's first frame holds the whole clip
+    position = np.searchsorted(offsets[order], starts, side="right") - 1
+    if (position < 0).any():
+        raise ValueError("a clip starts before the first episode")
+    return order[position].astype(np.int64)
+
+
 class PairedClips(Dataset):
     """Token clip i and pixel clip i of one split (the same frames): one batch dict with
-    `tokens`, `actions` (those the dynamics model is conditioned on), `mask` and `video`."""
+    `tokens`, `actions` (those the dynamics model is conditioned on), `mask`, `video` and
+    `true_actions` (the recorded actions of the pixel clip, -1 where unknown)."""
 
     def __init__(self, tokens: Any, pixels: Any) -> None:
         if len(tokens) != len(pixels):
@@ -127,18 +157,36 @@ class PairedClips(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {**self.tokens[index], "video": self.pixels[index]["video"]}
+        pixels = self.pixels[index]
+        return {**self.tokens[index], "video": pixels["video"], "true_actions": pixels["actions"]}
 
 
-def _loader(dataset: Any, cfg: DictConfig) -> DataLoader:
+class EvalClips(Dataset):
+    """The clips an evaluation scores, `indices` of a `PairedClips` in order, each item with
+    `other_actions`: the conditioning actions of the next scored clip (the last one takes the
+    first's), a real action sequence that belongs to other frames."""
+
+    def __init__(self, clips: PairedClips, indices: Sequence[int]) -> None:
+        if not indices:
+            raise ValueError("no clip to evaluate")
+        self.clips, self.indices = clips, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        other = self.indices[(i + 1) % len(self.indices)]
+        return {**self.clips[self.indices[i]], "other_actions": self.clips.tokens[other]["actions"]}
+
+
+def _subset(dataset: Any, cfg: DictConfig) -> Subset:
     """The evenly spread validation subset every evaluation scores (eval.batches x batch_size)."""
     if len(dataset) == 0:
         raise ValueError(
             f"the validation split of data={cfg.data.get('name')} has no clips of "
             f"data.clip_length={cfg.data.clip_length} frames"
         )
-    n = int(cfg.eval.batches) * int(cfg.eval.batch_size)
-    return DataLoader(val_subset(dataset, n), batch_size=int(cfg.eval.batch_size))
+    return val_subset(dataset, int(cfg.eval.batches) * int(cfg.eval.batch_size))
 
 
 def _bf16(cfg: DictConfig) -> bool:
@@ -149,26 +197,20 @@ def _progress(loader: DataLoader, cfg: DictConfig, desc: str) -> Any:
     return tqdm(loader, desc=desc, disable=not cfg.trainer.get("progress", False))
 
 
-class Means:
-    """Running clip-weighted means of scalar metrics."""
-
-    def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
-
-    def add(self, name: str, value: Tensor | float, n: int) -> None:
-        self.sums[name] = self.sums.get(name, 0.0) + float(value) * n
-        self.counts[name] = self.counts.get(name, 0) + n
-
-    def result(self) -> dict[str, float]:
-        return {k: v / max(self.counts[k], 1) for k, v in self.sums.items()}
-
-
-def _frame_scores(means: Means, pred: Tensor, target: Tensor) -> None:
+def _frame_scores(means: RunningMeans, pred: Tensor, target: Tensor) -> None:
     """PSNR and SSIM of predicted frames (B, C, T, H, W) against the real ones."""
     b = pred.shape[0]
     means.add("psnr", M.psnr(pred, target), b)
     means.add("ssim", M.ssim(pred, target), b)
+
+
+def _cpu(errors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.cpu() for k, v in errors.items()}
+
+
+def _concat(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`rollout_errors` of every batch concatenated over clips, each (N, H)."""
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
 
 
 def _code_metrics(codes: Tensor, num_codes: int) -> dict[str, Any]:
@@ -183,19 +225,24 @@ def _code_metrics(codes: Tensor, num_codes: int) -> dict[str, Any]:
 def _alignment(
     true: Tensor, codes: Tensor, num_true: int, num_codes: int, path: Path
 ) -> tuple[dict[str, Any], Path | None]:
-    """NMI, agreement and the true-action -> code mapping of paired labels, and the confusion
-    matrix (rows = true actions, columns = codes) drawn into `path`. Empty without true actions."""
+    """NMI and purity of paired labels, each beside its chance level (`lam_alignment`), the
+    true-action -> code mapping, and the confusion matrix (rows = true actions, columns = codes)
+    drawn into `path`. Empty without true actions."""
     known = true >= 0
     if not bool(known.any()):
         return {}, None
     confusion = M.confusion_matrix(true, codes, num_true, num_codes)
     mapping = M.action_mapping(confusion)
+    aligned = M.lam_alignment(true, codes)
     metrics = {
-        "action_nmi": M.normalized_mutual_information(true[known], codes[known]),
-        "action_agreement": M.action_agreement(confusion),
+        "action_nmi": aligned["nmi"],
+        "action_nmi_chance": aligned["nmi_chance"],
+        "action_purity": aligned["purity"],
+        "action_purity_chance": aligned["purity_chance"],
+        "action_majority_share": aligned["majority_share"],
         "action_mapping": {str(a): c for a, c in mapping.items()},
         "action_confusion": confusion.tolist(),
-        "action_pairs": int(known.sum()),
+        "action_pairs": int(aligned["pairs"]),
     }
     plot_confusion(confusion, path, title="latent code per true action")
     return metrics, path
@@ -225,11 +272,13 @@ def evaluate_lam(
 
     Next frames are teacher-forced: frame t+1 is predicted from the real frames 0..t and the code
     the encoder inferred for t -> t+1; `random_action_psnr` predicts it with a uniformly random
-    code instead (how much the decoder relies on the action, the LAM's own ΔPSNR). Scored on
-    the validation clips of `cfg.data`, cut to the model's `max_frames`.
+    code instead (how much the decoder relies on the action, the LAM's own ΔPSNR).
+    `next_frame_psnr_changing` and `next_frame_copy_psnr_changing` are the PSNR of the pooled MSE
+    of the prediction and of the previous real frame over the frames that change. Scored on the
+    validation clips of `cfg.data`, cut to the model's `max_frames`.
     """
     pixels = pixel_val(cfg.data)
-    loader = _loader(pixels, cfg)
+    loader = DataLoader(_subset(pixels, cfg), batch_size=int(cfg.eval.batch_size))
     num_codes = int(model.num_actions)
     length = min(pixels.clip_length, int(model.max_frames))
     if length < 2:
@@ -237,8 +286,8 @@ def evaluate_lam(
     bf16 = _bf16(cfg)
     device = next(model.parameters()).device
     gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    means = Means()
-    all_codes, all_true = [], []
+    means = RunningMeans()
+    all_codes, all_true, errors = [], [], []
     shown = None
     n = 0
     for batch in _progress(loader, cfg, "eval lam"):
@@ -254,7 +303,7 @@ def evaluate_lam(
         pred = pred.float().clamp(-1.0, 1.0)
         _frame_scores(means, pred, target)
         means.add("random_action_psnr", M.psnr(pred_random.float().clamp(-1.0, 1.0), target), b)
-        means.add("copy_last_psnr", M.psnr(video[:, :, :-1], target), b)
+        errors.append(_cpu(M.rollout_errors(pred, video, context=1)))
         all_codes.append(codes.flatten().cpu())
         all_true.append(batch["actions"][:, : length - 1].flatten())  # aligned with the codes
         if shown is None:
@@ -264,6 +313,10 @@ def evaluate_lam(
     codes, true = torch.cat(all_codes), torch.cat(all_true)
     metrics: dict[str, Any] = means.result()
     metrics["delta_psnr"] = metrics["psnr"] - metrics["random_action_psnr"]
+    changing = M.rollout_psnr_summary(_concat(errors))
+    metrics["next_frame_psnr_changing"] = changing["model_psnr"]
+    metrics["next_frame_copy_psnr_changing"] = changing["copy_previous_psnr"]
+    metrics["changing_fraction"] = changing["changing_fraction"]
     metrics.update(_code_metrics(codes, num_codes))
     media = {"next_frame_grid": save_grid(shown, run_dir / "next_frame.png")}
     if pixels.num_actions is not None:
@@ -295,11 +348,12 @@ class Sampling:
 
 @torch.no_grad()
 def _teacher_forced(
-    world: World, batch: dict[str, Tensor], sampling: Sampling, bf16: bool, means: Means
-) -> tuple[Tensor, Tensor]:
+    world: World, batch: dict[str, Tensor], sampling: Sampling, bf16: bool, means: RunningMeans
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Generate every frame t >= 1 from the real tokens of frames 0..t-1 and the action that led
     to it; score the decoded frames against the real pixels. Returns (real, generated) frames
-    (B, C, L-1, H, W), L = the frames that fit the model's window."""
+    (B, C, L-1, H, W), L = the frames that fit the model's window, and their `rollout_errors`
+    (on the CPU) beside copying the previous real frame."""
     model = world.dynamics
     video = batch["video"]  # (B, C, T, H, W)
     layout = FrameLayout.of(world.tokenizer, video.shape[2], batch["tokens"].shape[1])
@@ -316,8 +370,8 @@ def _teacher_forced(
             for t in range(1, length)
         ]
     generated = torch.stack(generated, dim=1)  # (B, L-1, h, w)
-    if layout.k == 1:
-        pred = world.decode(generated)  # (B, C, L-1, H, W)
+    if layout.k == 1:  # each frame decoded with the real frame before it
+        pred = world.decode_teacher_forced(generated, video[:, :, : length - 1])
     else:  # frame t decoded after the real frames 0..t-1 it was generated from
         pred = torch.cat(
             [world.decode_after(tokens[:, :t], generated[:, t - 1 : t]) for t in range(1, length)],
@@ -327,20 +381,30 @@ def _teacher_forced(
     real = video[:, :, span]  # (B, C, n, H, W): the pixel frames of latent frames 1..L-1
     _frame_scores(means, pred, real)
     means.add("token_acc", (generated == tokens[:, 1:]).float().mean(), b)
-    means.add("copy_last_psnr", M.psnr(video[:, :, span.start - 1 : span.stop - 1], real), b)
-    recon = world.decode_after(tokens[:, :1], tokens[:, 1:])
+    if layout.k == 1:
+        recon = world.decode_teacher_forced(tokens[:, 1:], video[:, :, : length - 1])
+    else:
+        recon = world.decode_after(tokens[:, :1], tokens[:, 1:])
     means.add("tokenizer_psnr", M.psnr(recon, real), b)
-    return real, pred
+    return real, pred, _cpu(M.rollout_errors(pred, video, span.start))
+
+
+def _replace_tail(actions: Tensor, context: int, tail: Tensor) -> Tensor:
+    """`actions` (B, T) with those that drive a rollout after `context` frames (actions[:, t]
+    leads to frame t + 1, so from index context - 1 on) replaced by `tail` (B, n <= T - context
+    + 1); the actions between the context frames stay."""
+    out = actions.clone()
+    out[:, context - 1 : context - 1 + tail.shape[1]] = tail
+    return out
 
 
 def _random_actions(
     actions: Tensor, context: int, num_actions: int, gen: torch.Generator
 ) -> Tensor:
     """The same actions for the context frames, uniformly random ones for the generated frames."""
-    out = actions.clone()
-    tail = out[:, context - 1 :]  # actions[:, t] leads to frame t + 1: these drive the rollout
-    tail.copy_(torch.randint(0, num_actions, tail.shape, generator=gen, device=gen.device))
-    return out
+    shape = (actions.shape[0], actions.shape[1] - context + 1)
+    random = torch.randint(0, num_actions, shape, generator=gen, device=gen.device)
+    return _replace_tail(actions, context, random.to(actions))
 
 
 @torch.no_grad()
@@ -352,15 +416,17 @@ def _rollout(
     horizon: int,
     sampling: Sampling,
     bf16: bool,
+    context_frame: Tensor | None = None,
 ) -> Tensor:
     """Decoded pixel frames (B, C, n, H, W) of `horizon` latent frames generated
     autoregressively after `context` real token frames of `tokens` (B, T, h, w), driven by
-    `actions` (B, T) (n = horizon for per-frame tokens)."""
+    `actions` (B, T) (n = horizon for per-frame tokens); a refining tokenizer decodes from
+    `context_frame` (B, C, H, W), the last real context frame."""
     with autocast(world.device, bf16):
         generated = world.dynamics.rollout(
             tokens[:, :context], actions, horizon, **sampling.kwargs()
         )  # (B, horizon, h, w)
-    return world.decode_after(tokens[:, :context], generated)
+    return world.decode_after(tokens[:, :context], generated, context_frame)
 
 
 @torch.no_grad()
@@ -387,27 +453,22 @@ def generation_speed(
     return frames * world.frames_per_latent / elapsed
 
 
-def _delta_metrics(psnr_actions: Tensor, psnr_random: Tensor) -> dict[str, Any]:
-    """ΔtPSNR per horizon t = 1..H (keys delta_psnr_t{t} and _stderr), and the headline value at
-    t = 4 (or the largest horizon when rollouts are shorter)."""
-    delta = M.delta_psnr(psnr_actions, psnr_random)
+def _delta_metrics(
+    name: str, psnr_actions: Tensor, psnr_baseline: Tensor, clusters: Any
+) -> dict[str, Any]:
+    """ΔtPSNR of rollouts under the clips' actions against rollouts under baseline actions
+    ((N, H) per-clip PSNR each, paired): the value at t = 4 (or the largest horizon when
+    rollouts are shorter) as `name` and `name_stderr`, and the curves over horizons 1..H as
+    `name_curve` and `name_curve_stderr`; standard errors clustered by `clusters` (N,)."""
+    delta = M.delta_psnr(psnr_actions, psnr_baseline, clusters)
     mean, stderr = delta["mean"].tolist(), delta["stderr"].tolist()
-    out: dict[str, Any] = {}
-    for t, (m, s) in enumerate(zip(mean, stderr), start=1):
-        out[f"delta_psnr_t{t}"] = m
-        out[f"delta_psnr_t{t}_stderr"] = s
     t = min(DELTA_PSNR_T, len(mean))
-    out.update(
-        {
-            "delta_psnr": mean[t - 1],
-            "delta_psnr_stderr": stderr[t - 1],
-            "delta_psnr_horizon": t,
-            "delta_psnr_clips": int(delta["n"]),
-            "delta_psnr_curve": mean,
-            "delta_psnr_curve_stderr": stderr,
-        }
-    )
-    return out
+    return {
+        name: mean[t - 1],
+        f"{name}_stderr": stderr[t - 1],
+        f"{name}_curve": mean,
+        f"{name}_curve_stderr": stderr,
+    }
 
 
 def latent_frames(world: World, pixels: Any) -> int:
@@ -439,30 +500,167 @@ def _rollout_lengths(cfg: DictConfig, clip_length: int) -> tuple[int, int]:
     return context, horizon
 
 
+# ------------------------------------------------------------------------------------------------
+# Control accuracy
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Control:
+    """What control accuracy needs: the IDM of the data and the model action of each true
+    action (`table` (A,) long on the world's device, -1 where a true action has none)."""
+
+    idm: InverseDynamicsModel
+    table: Tensor
+    # the model's actions are the game's: the rollouts under uniformly random actions of ΔtPSNR
+    # are rollouts under uniformly random commands, and serve both
+    shared: bool
+
+    def draw(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """True actions drawn uniformly from those the model can be commanded with."""
+        allowed = torch.nonzero(self.table >= 0).flatten()
+        pick = torch.randint(0, len(allowed), shape, generator=gen, device=gen.device)
+        return allowed[pick.to(allowed.device)]
+
+
+def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> Control | None:
+    """The IDM (trained once per data cache on the train split's real transitions, see
+    `eval.control.cached_idm`) and the command table of `world`; None, with the reason logged,
+    when control accuracy cannot be measured."""
+    settings = cfg.eval.get("control") or {}
+    why = None
+    if not settings.get("enabled", True):
+        why = "eval.control.enabled=false"
+    elif pixels.num_actions is None:
+        why = "the data has no true actions"
+    elif world.dynamics.conditioning != "actions":
+        why = f"{type(world.dynamics).__name__} is conditioned on text, not on one action a frame"
+    if why is not None:
+        log.info("control accuracy not reported: %s", why)
+        return None
+    num_true = int(pixels.num_actions)
+    if world.action_source == "true":
+        if world.num_actions < num_true:
+            log.warning(
+                "control accuracy not reported: the model takes %d actions, the data has %d",
+                world.num_actions,
+                num_true,
+            )
+            return None
+        table = torch.arange(num_true)
+    else:
+        mapping = world.true_to_model_actions
+        if not mapping:
+            found = true_action_mapping(pixels, tokens, world.num_actions)
+            mapping = found[1] if found is not None else {}
+        table = torch.full((num_true,), -1, dtype=torch.long)
+        for action, code in mapping.items():
+            if 0 <= int(action) < num_true and 0 <= int(code) < world.num_actions:
+                table[int(action)] = int(code)
+    if int((table >= 0).sum()) < 2:
+        log.warning("control accuracy not reported: fewer than 2 true actions map to the model's")
+        return None
+    train = instantiate(cfg.data).datasets()[0]
+    if not (np.load(train.actions_path, mmap_mode="r") >= 0).any():
+        log.warning("control accuracy not reported: the train split has no known action")
+        return None
+    idm = cached_idm(
+        train,
+        num_true,
+        steps=int(settings.get("steps", 300)),
+        batch_size=int(settings.get("batch_size", 128)),
+        max_epochs=settings.get("max_epochs"),
+        seed=int(cfg.seed),
+        device=world.device,
+    )
+    shared = world.action_source == "true" and world.num_actions == num_true
+    return Control(idm, table.to(world.device), shared)
+
+
+def _command_transitions(
+    video: Tensor, generated: Tensor, start: int, k: int, horizon: int
+) -> tuple[Tensor, Tensor]:
+    """The pixel transition each command of a rollout drives, (frame before, frame after), each
+    (B, C, horizon, H, W). Command j leads to the first pixel frame of generated latent frame j
+    (frame k j of `generated` (B, C, k horizon, H, W)) from the pixel frame before it: the last
+    real context frame `video[:, :, start - 1]` for j = 0, else the last generated frame of
+    latent frame j - 1."""
+    after = generated[:, :, ::k][:, :, :horizon]
+    before = torch.cat([video[:, :, start - 1 : start], generated[:, :, k - 1 :: k]], dim=2)
+    return before[:, :, :horizon], after
+
+
+def _control_scores(
+    means: RunningMeans,
+    control: Control,
+    video: Tensor,
+    generated: Tensor,
+    commands: Tensor,
+    true_actions: Tensor,
+    start: int,
+    k: int,
+) -> Tensor:
+    """Score the commanded transitions of a batch of rollouts with the IDM, and accumulate its
+    accuracy on the batch's real transitions (`control_accuracy_real`, weighted by the
+    transitions scored). Returns the hits (B, horizon) bool on the CPU."""
+    before, after = _command_transitions(video, generated, start, k, commands.shape[1])
+    labels = true_actions[:, :-1]  # (B, T-1): the action of transition t -> t + 1
+    known = int((labels >= 0).sum())
+    if known:
+        real = control_accuracy(control.idm, video[:, :, :-1], video[:, :, 1:], labels)
+        means.add("control_accuracy_real", real, known)
+    return control_hits(control.idm, before, after, commands)
+
+
+# ------------------------------------------------------------------------------------------------
+# World evaluation
+# ------------------------------------------------------------------------------------------------
+
+
 @torch.no_grad()
 def evaluate_dynamics(
     world: World, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path], int]:
-    """Next-frame quality, rollouts vs horizon, ΔtPSNR, FVD and speed of a world.
+    """Next-frame quality, rollouts vs horizon beside trivial baselines, ΔtPSNR, control
+    accuracy, FVD and speed of a world.
 
     `cfg` is the eval run's config (data, eval); the world brings its frozen tokenizer/LAM, the
     action source, its device and precision. With a tokenizer that compresses time,
     eval.context_frames and eval.horizon count latent frames, and the rollout curves count the
     pixel frames they decode to.
+
+    The headline `delta_psnr` is ΔtPSNR at t = 4 against uniformly random actions (Genie's
+    definition); `delta_psnr_vs_other_clip` is the same against the real actions of another
+    clip. Both are paired per clip, their standard errors clustered by episode
+    (`delta_psnr_clusters` episodes). `rollout_psnr_changing`, `copy_psnr_changing` (the last
+    context frame repeated) and `copy_previous_psnr_changing` (the previous real frame) are
+    PSNRs of the pooled MSE over the frames that change, per horizon; `rollout_psnr` is the
+    mean per-frame PSNR per horizon (Genie's curve). `control_accuracy`,
+    `control_accuracy_real` and `control_chance` are left out when the data has no true actions
+    or the model is conditioned on text (the reason is logged).
     """
     model, device = world.dynamics, world.device
     pixels = pixel_val(cfg.data)
     layout = FrameLayout.of(world.tokenizer, pixels.clip_length, latent_frames(world, pixels))
-    loader = _loader(PairedClips(token_val(world, pixels), pixels), cfg)
+    tokens_val = token_val(world, pixels)
+    indices = list(_subset(pixels, cfg).indices)
+    episodes = clip_episodes(pixels, indices)  # (N,): clips are scored in this order
+    loader = DataLoader(
+        EvalClips(PairedClips(tokens_val, pixels), indices), batch_size=int(cfg.eval.batch_size)
+    )
     context, horizon = _rollout_lengths(cfg, layout.latents)
     span = layout.span(context, context + horizon)  # the pixel frames the rollouts generate
     bf16 = world.bf16
     gen = world.generator(int(cfg.seed))
     sampling = Sampling(int(cfg.eval.get("steps", 8)), float(cfg.eval.get("temperature", 1.0)), gen)
+    control = _control_setup(world, cfg, pixels, tokens_val)
     feature_net = build_feature_net(cfg.eval.get("fvd_weights"), seed=int(cfg.seed)).to(device)
     real_feats, fake_feats = FeatureStats(), FeatureStats()
-    means = Means()
-    psnr_actions, psnr_random = [], []
+    means = RunningMeans()
+    psnr_rows: dict[str, list[Tensor]] = {"actions": [], "random": [], "other": []}  # (B, n)
+    errors: dict[str, list[dict[str, Tensor]]] = {"next": [], "actions": [], "random": []}
+    commands_all: list[Tensor] = []
+    hits_all: list[Tensor] = []  # (B, horizon) bool: the IDM read the commanded action back
     shown: dict[str, tuple[Tensor, Tensor]] = {}
     samples = int(cfg.eval.get("media_samples", 4))
     n = 0
@@ -477,15 +675,45 @@ def evaluate_dynamics(
             _, loss_metrics = model.loss(window)
         for key in ("ce", "masked_acc"):
             means.add(key, loss_metrics[key], b)
-        real_next, pred_next = _teacher_forced(world, batch, sampling, bf16, means)
+        real_next, pred_next, next_errors = _teacher_forced(world, batch, sampling, bf16, means)
+        errors["next"].append(next_errors)
 
         tokens, actions, video = batch["tokens"], batch["actions"], batch["video"]
-        random = _random_actions(actions, context, world.num_actions, gen)
-        fake = _rollout(world, tokens, actions, context, horizon, sampling, bf16)
-        fake_random = _rollout(world, tokens, random, context, horizon, sampling, bf16)
+        commands = control.draw((b, horizon), gen) if control is not None else None  # true ids
+        if control is not None and control.shared:
+            random = _replace_tail(actions, context, control.table[commands])
+        else:
+            random = _random_actions(actions, context, world.num_actions, gen)
+        other = _replace_tail(actions, context, batch["other_actions"][:, context - 1 :])
+        last = video[:, :, span.start - 1]  # the last real frame before the generated ones
+        fake = _rollout(world, tokens, actions, context, horizon, sampling, bf16, last)
+        fake_random = _rollout(world, tokens, random, context, horizon, sampling, bf16, last)
+        fake_other = _rollout(world, tokens, other, context, horizon, sampling, bf16, last)
         real = video[:, :, span]  # (B, C, n, H, W)
-        psnr_actions.append(M.psnr(fake, real, reduction="none").cpu())  # (B, n)
-        psnr_random.append(M.psnr(fake_random, real, reduction="none").cpu())
+        for name, generated in (("actions", fake), ("random", fake_random), ("other", fake_other)):
+            psnr_rows[name].append(M.psnr(generated, real, reduction="none").cpu())  # (B, n)
+        errors["actions"].append(_cpu(M.rollout_errors(fake, video, span.start)))
+        errors["random"].append(_cpu(M.rollout_errors(fake_random, video, span.start)))
+        if control is not None:
+            if control.shared:
+                fake_command = fake_random
+            else:
+                commanded = _replace_tail(actions, context, control.table[commands])
+                fake_command = _rollout(
+                    world, tokens, commanded, context, horizon, sampling, bf16, last
+                )
+            hits = _control_scores(
+                means,
+                control,
+                video,
+                fake_command,
+                commands,
+                batch["true_actions"],
+                span.start,
+                layout.k,
+            )
+            hits_all.append(hits)
+            commands_all.append(commands.cpu())
         # FVD compares whole clips: the real context frames followed by the real / generated ones
         real_clip = video[:, :, : span.stop]
         fake_clip = torch.cat([video[:, :, : span.start], fake], dim=2)
@@ -496,11 +724,48 @@ def evaluate_dynamics(
             shown["rollout"] = (real_clip[:samples].cpu(), fake_clip[:samples].cpu())
             first = (tokens[:1, :context], actions[:1])
 
-    psnr_actions_t, psnr_random_t = torch.cat(psnr_actions), torch.cat(psnr_random)  # (N, H)
+    psnr_t = {k: torch.cat(v) for k, v in psnr_rows.items()}  # (N, n) each
     metrics: dict[str, Any] = means.result()
-    metrics["rollout_psnr"] = psnr_actions_t.mean(dim=0).tolist()
-    metrics["rollout_psnr_random"] = psnr_random_t.mean(dim=0).tolist()
-    metrics.update(_delta_metrics(psnr_actions_t, psnr_random_t))
+    metrics["action_source"] = world.action_source
+    metrics["steps"] = sampling.steps
+    metrics["temperature"] = sampling.temperature
+
+    # trivial baselines on the frames that change (pooled MSE), next frame and per horizon
+    next_frame = M.rollout_psnr_summary(_concat(errors["next"]))
+    rollout = M.rollout_psnr_summary(_concat(errors["actions"]))
+    metrics["next_frame_psnr_changing"] = next_frame["model_psnr"]
+    metrics["next_frame_copy_psnr_changing"] = next_frame["copy_previous_psnr"]
+    metrics["rollout_psnr_changing"] = rollout["model_psnr_curve"]
+    metrics["rollout_psnr_random_changing"] = M.rollout_psnr_summary(_concat(errors["random"]))[
+        "model_psnr_curve"
+    ]
+    metrics["copy_psnr_changing"] = rollout["copy_context_psnr_curve"]
+    metrics["copy_previous_psnr_changing"] = rollout["copy_previous_psnr_curve"]
+    metrics["changing_fraction"] = rollout["changing_fraction"]
+    metrics["changing_fraction_curve"] = rollout["changing_fraction_curve"]
+
+    # Genie's curves and ΔtPSNR (per-frame PSNR, paired per clip, clustered by episode)
+    metrics["rollout_psnr"] = psnr_t["actions"].mean(dim=0).tolist()
+    metrics["rollout_psnr_random"] = psnr_t["random"].mean(dim=0).tolist()
+    metrics["rollout_psnr_other_clip"] = psnr_t["other"].mean(dim=0).tolist()
+    delta = _delta_metrics("delta_psnr", psnr_t["actions"], psnr_t["random"], episodes)
+    for t, (m, s) in enumerate(zip(delta["delta_psnr_curve"], delta["delta_psnr_curve_stderr"])):
+        metrics[f"delta_psnr_t{t + 1}"] = m
+        metrics[f"delta_psnr_t{t + 1}_stderr"] = s
+    metrics.update(delta)
+    metrics["delta_psnr_horizon"] = min(DELTA_PSNR_T, psnr_t["actions"].shape[1])
+    metrics["delta_psnr_clips"] = n
+    metrics["delta_psnr_clusters"] = len(np.unique(episodes))
+    metrics.update(
+        _delta_metrics("delta_psnr_vs_other_clip", psnr_t["actions"], psnr_t["other"], episodes)
+    )
+
+    if control is not None:
+        per_clip = torch.cat(hits_all).double().mean(dim=1)  # (N,) accuracy of each clip
+        metrics["control_accuracy"] = float(per_clip.mean())
+        metrics["control_accuracy_stderr"] = float(M.clustered_stderr(per_clip, episodes))
+        metrics.setdefault("control_accuracy_real", float("nan"))
+        metrics["control_chance"] = control_chance(torch.cat(commands_all))
     if n >= 2:
         metrics[fvd_metric_name(feature_net)] = frechet_distance(
             real_feats.mean, real_feats.cov, fake_feats.mean, fake_feats.cov
@@ -515,17 +780,30 @@ def evaluate_dynamics(
         "next_frame_grid": save_grid(list(shown["next"]), run_dir / "next_frame.png"),
         "rollout_psnr_plot": plot_curve(
             horizons,
-            {label: metrics["rollout_psnr"], "random actions": metrics["rollout_psnr_random"]},
+            {
+                f"model, {label}": metrics["rollout_psnr_changing"],
+                "model, random actions": metrics["rollout_psnr_random_changing"],
+                "copy context frame": metrics["copy_psnr_changing"],
+                "copy previous real frame": metrics["copy_previous_psnr_changing"],
+            },
             run_dir / "rollout_psnr.png",
-            title=f"rollout PSNR after {span.start} real frame(s)",
+            ylabel="PSNR of pooled MSE (dB)",
+            title=f"frames that change ({metrics['changing_fraction']:.0%}), "
+            f"after {span.start} real frame(s)",
         ),
         "delta_psnr_plot": plot_curve(
             horizons,
-            {"ΔtPSNR": metrics["delta_psnr_curve"]},
+            {
+                "vs random actions": metrics["delta_psnr_curve"],
+                "vs another clip's actions": metrics["delta_psnr_vs_other_clip_curve"],
+            },
             run_dir / "delta_psnr.png",
             ylabel="ΔtPSNR (dB)",
-            title=f"{label} vs random ({n} clips, ± stderr)",
-            yerr={"ΔtPSNR": metrics["delta_psnr_curve_stderr"]},
+            title=f"{label} ({n} clips, {metrics['delta_psnr_clusters']} episodes, ± stderr)",
+            yerr={
+                "vs random actions": metrics["delta_psnr_curve_stderr"],
+                "vs another clip's actions": metrics["delta_psnr_vs_other_clip_curve_stderr"],
+            },
         ),
         **_save_rollout_media(*shown["rollout"], run_dir, "rollout"),
     }

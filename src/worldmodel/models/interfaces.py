@@ -49,8 +49,20 @@ class Tokenizer(ABC):
         """Code ids (B, T', h, w)."""
 
     @abstractmethod
-    def detokenize(self, indices: Tensor) -> Tensor:
-        """Video (B, C, T, H, W) of code ids (B, T', h, w)."""
+    def detokenize(self, indices: Tensor, previous: Tensor | None = None) -> Tensor:
+        """Video (B, C, T, H, W) of code ids (B, T', h, w); a tokenizer that `refines` decodes
+        each frame with the one before it, starting from `previous` (B, C, H, W)."""
+
+    @property
+    def refines(self) -> bool:
+        """Whether decoding reads the previous frame (see `refine`)."""
+        return False
+
+    def refine(self, coarse: Tensor, previous: Tensor) -> Tensor:
+        """Frames (B, C, T, H, W) decoded with the frame before each, `previous` (B, C, T, H,
+        W) (teacher-forced: the real frames); the coarse frames for a tokenizer that does not
+        refine."""
+        return coarse
 
     @abstractmethod
     def reconstruct(self, video: Tensor) -> tuple[Tensor, Tensor]:

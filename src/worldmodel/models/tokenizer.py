@@ -299,6 +299,35 @@ class Decoder(nn.Module):
         return self.layers(x)
 
 
+class PreviousFrameRefiner(nn.Module):
+    """Decodes a frame from its tokens' coarse decoding AND the frame before it.
+
+    Per-frame tokens at 8x8 per 64x64 frame lose the fine detail the previous frame still has
+    (the background, the sprites that did not move): a small U-shaped CNN over the coarse frame
+    and the previous frame adds that detail back as a residual. Its output layer starts at zero,
+    so a fresh refiner returns the coarse frame. Tokens stay per-frame (caches, world models and
+    their vocabularies are unchanged); only decoding reads the previous frame.
+    """
+
+    def __init__(self, channels: int = 3, width: int = 48, depth: int = 3) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(2 * channels, width, 3, padding=1)
+        self.down = nn.Conv2d(width, width, 4, stride=2, padding=1)
+        self.mid = nn.Sequential(
+            *[nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.SiLU()) for _ in range(depth)]
+        )
+        self.up = nn.ConvTranspose2d(width, width, 4, stride=2, padding=1)
+        self.out = nn.Conv2d(2 * width, channels, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, coarse: Tensor, previous: Tensor) -> Tensor:
+        """coarse, previous (N, C, H, W) -> the refined frame (N, C, H, W)."""
+        h = F.silu(self.inp(torch.cat([coarse, previous.to(coarse.dtype)], dim=1)))  # full res
+        m = self.up(self.mid(F.silu(self.down(h))))  # half res: motion of a few pixels
+        return coarse + self.out(torch.cat([h, m], dim=1))
+
+
 class VideoTokenizer(nn.Module, Tokenizer):
     """Causal 3D-CNN video tokenizer (MAGVIT-v2 style) with a pluggable quantizer.
 
@@ -366,6 +395,7 @@ class VideoTokenizer(nn.Module, Tokenizer):
         gan_start_step: int = 0,
         disc_channels: int = 64,
         disc_layers: int = 3,
+        refiner_width: int = 0,
     ):
         super().__init__()
         channels = [int(c) for c in channels]
@@ -423,6 +453,8 @@ class VideoTokenizer(nn.Module, Tokenizer):
             norm,
         )
 
+        # decoding with the previous frame (`detokenize(..., previous=)`); 0 = per-frame only
+        self.refiner = PreviousFrameRefiner(in_channels, refiner_width) if refiner_width else None
         self.init_losses(
             in_channels,
             l1_weight,
@@ -515,10 +547,35 @@ class VideoTokenizer(nn.Module, Tokenizer):
         """video (B, C, T, H, W) -> indices (B, t, h, w) long."""
         return self.quantize(self.encode(video))[1]
 
-    def detokenize(self, indices: Tensor) -> Tensor:
-        """indices (B, t, h, w) -> video (B, C, T, H, W)."""
+    def detokenize(self, indices: Tensor, previous: Tensor | None = None) -> Tensor:
+        """indices (B, t, h, w) -> video (B, C, T, H, W). With a refiner and `previous` (B, C,
+        H, W), the frame before the clip, frames are refined one after the other, each from the
+        one decoded before it (as a rollout decodes)."""
         codes = self.quantizer.indices_to_codes(indices)  # (B, D, t, h, w)
-        return self.decode(codes)
+        coarse = self.decode(codes)
+        if self.refiner is None or previous is None:
+            return coarse
+        frames = []
+        for t in range(coarse.shape[2]):
+            previous = self.refiner(coarse[:, :, t], previous)  # (B, C, H, W)
+            frames.append(previous)
+        return torch.stack(frames, dim=2)
+
+    @property
+    def refines(self) -> bool:
+        return self.refiner is not None
+
+    def refine(self, coarse: Tensor, previous: Tensor) -> Tensor:
+        """Teacher-forced refinement: coarse frames (B, C, T, H, W), each with its own previous
+        frame in `previous` (B, C, T, H, W). Without a refiner, the coarse frames."""
+        if self.refiner is None:
+            return coarse
+        b = coarse.shape[0]
+        fine = self.refiner(
+            rearrange(coarse, "b c t h w -> (b t) c h w"),
+            rearrange(previous, "b c t h w -> (b t) c h w"),
+        )
+        return rearrange(fine, "(b t) c h w -> b c t h w", b=b)
 
     def reconstruct(self, video: Tensor) -> tuple[Tensor, Tensor]:
         """video -> (video_hat (B, C, T, H, W), indices (B, t, h, w))."""
@@ -558,6 +615,22 @@ class VideoTokenizer(nn.Module, Tokenizer):
             nll = nll + self.lpips_weight * perceptual
             metrics["lpips"] = perceptual.detach()
         loss = nll + self.quantizer_weight * aux
+        if self.refiner is not None and video.shape[2] > 1:
+            # frames 1.. decoded with the real frame before each (the coarse frames' gradient
+            # is stopped: the refiner adds detail and must not pull the codes)
+            fine = self.refine(video_hat[:, :, 1:].detach(), video[:, :, :-1]).float()
+            err = (fine - video[:, :, 1:].float()).pow(2).flatten(3).mean(3).mean(1)  # (B, T-1)
+            wr = None if mask is None else mask[:, 1:].reshape(-1).to(err.dtype)
+            refine_l2 = masked_mean(err.reshape(-1), wr)
+            loss = loss + self.l2_weight * refine_l2
+            metrics["refine_l2"] = refine_l2.detach()
+            metrics["psnr_refined"] = masked_mean(
+                psnr_per_frame(
+                    rearrange(fine.detach(), "b c t h w -> (b t) c h w"),
+                    rearrange(video[:, :, 1:], "b c t h w -> (b t) c h w"),
+                ),
+                wr,
+            )
 
         if self.discriminator is not None:
             if self.training:  # validation batches are never followed by a discriminator step

@@ -289,6 +289,7 @@ class CViViT(VideoTokenizer):
         # VideoTokenizer.__init__ builds the CNN encoder/decoder; this class brings its own parts
         # and only shares the methods, so nn.Module's constructor is called directly.
         nn.Module.__init__(self)
+        self.refiner = None  # C-ViViT decodes whole clips: no previous-frame refiner
         height, width = _pair(image_size, "image_size")
         p, kt = int(spatial_downsample), int(temporal_downsample)
         if p < 1 or height % p or width % p:

@@ -395,7 +395,7 @@ class VideoGPTVQVAE(nn.Module, Tokenizer):
         """video (B, C, T, H, W) -> indices (B, t, h, w) long."""
         return self.quantize(self.encode(video))[1]
 
-    def detokenize(self, indices: Tensor) -> Tensor:
+    def detokenize(self, indices: Tensor, previous: Tensor | None = None) -> Tensor:
         """indices (B, t, h, w) -> video (B, C, T, H, W)."""
         return self.decode(self.quantizer.indices_to_codes(indices))
 
