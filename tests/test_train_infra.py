@@ -13,7 +13,7 @@ from torch import nn
 
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train.dist import env_from_environment
-from worldmodel.train.optim import EMA, lr_lambda
+from worldmodel.train.optim import EMA, LRSchedule
 from worldmodel.train.sampler import ResumableSampler
 
 
@@ -21,11 +21,11 @@ def take(sampler: ResumableSampler, n: int) -> list[int]:
     return list(itertools.islice(iter(sampler), n))
 
 
-def test_sampler_is_a_function_of_step():
+def test_sampler_is_a_function_of_the_batch_index():
     full = take(ResumableSampler(50, 8, seed=3), 8 * 20)
-    for step in (0, 1, 5, 6, 13):
-        resumed = take(ResumableSampler(50, 8, seed=3, start_step=step), 8 * (20 - step))
-        assert resumed == full[8 * step :]
+    for batch in (0, 1, 5, 6, 13):
+        resumed = take(ResumableSampler(50, 8, seed=3, start_batch=batch), 8 * (20 - batch))
+        assert resumed == full[8 * batch :]
 
 
 def test_sampler_epochs_are_permutations_and_differ():
@@ -136,21 +136,52 @@ def test_rng_state_round_trips_through_a_file(tmp_path):
 
     import numpy as np
 
+    torch.manual_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state())
     ckpt.atomic_save({"model": {}, "rng": ckpt.rng_state()}, tmp_path / "r.pt")
     expected = (torch.rand(3), random.random(), np.random.rand())
     ckpt.set_rng_state(ckpt.load(tmp_path / "r.pt")["rng"])
-    assert (torch.rand(3), random.random(), np.random.rand())[1:] == expected[1:]
+    # every generator is back where it was saved: its state, then what it draws next
+    assert torch.equal(torch.get_rng_state(), saved[0])
+    assert random.getstate() == saved[1]
+    np_state = np.random.get_state()
+    assert np_state[0] == saved[2][0] and np.array_equal(np_state[1], saved[2][1])
+    assert np_state[2:] == saved[2][2:]
+    got = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(got[0], expected[0]) and got[1:] == expected[1:]
 
 
 def test_lr_schedule_warms_up_then_decays():
-    f = lr_lambda(10, 100, "cosine", 0.1)
-    values = [f(s) for s in range(100)]
+    f = LRSchedule(10, 100, "cosine", 0.1)
+    values = [f.update(s) for s in range(100)]
     assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
     assert values[-1] == pytest.approx(0.1, abs=1e-3)
-    assert lr_lambda(0, 100, "constant")(77) == 1.0
+    assert LRSchedule(0, 100, "constant").update(77) == 1.0
     with pytest.raises(ValueError, match="lr_schedule"):
-        lr_lambda(0, 10, "linear")
+        LRSchedule(0, 10, "linear")
+
+
+def test_lr_schedule_under_a_budget_is_continuous_and_resumes_where_stored():
+    # One step a second; warm-up takes 30 steps of a 100 s budget, the decay the 70 s left.
+    def schedule() -> LRSchedule:
+        return LRSchedule(30, 10_000, "cosine", 0.1, budget_s=100.0)
+
+    f = schedule()
+    values = [f.update(s, elapsed_s=float(s)) for s in range(101)]
+    assert values[29] == pytest.approx(1.0) and values[30] == pytest.approx(1.0)
+    # no jump when warm-up ends (counting the 30 s of warm-up against the decay dropped 0.19)
+    assert max(a - b for a, b in zip(values, values[1:])) < 0.03
+    assert values[100] == pytest.approx(0.1)  # the budget is used up: fully annealed
+    stored = schedule()
+    for s in range(61):
+        stored.update(s, elapsed_s=float(s))
+    resumed = schedule()
+    resumed.load_state_dict(stored.state_dict())
+    assert resumed.state_dict() == stored.state_dict()
+    assert resumed.update(61, 61.0) == stored.update(61, 61.0) == values[61]
 
 
 def test_ema_warms_up_tracks_and_swaps_back():
@@ -187,3 +218,15 @@ def test_partial_distributed_environment_is_an_error():
         )
     )
     assert (env.rank, env.world_size, env.master_port) == (1, 2, 1234)
+    assert env.local_world_size == 2  # no LOCAL_WORLD_SIZE: all ranks taken as on this machine
+    env = env_from_environment(
+        dict(
+            RANK="5",
+            WORLD_SIZE="8",
+            LOCAL_RANK="1",
+            LOCAL_WORLD_SIZE="4",
+            MASTER_ADDR="h",
+            MASTER_PORT="1234",
+        )
+    )
+    assert (env.world_size, env.local_world_size) == (8, 4)

@@ -23,8 +23,8 @@ def run(tmp_path, name: str, overrides: list[str]):
     return run_dir, read_metrics(run_dir / "metrics.jsonl")
 
 
-def losses(rows: list[dict]) -> dict[int, float]:
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+def losses(rows: list[dict], key: str = "train/loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in rows if key in r}
 
 
 def test_smoke_tokenizer_learns(tmp_path):
@@ -70,13 +70,21 @@ def test_ddp_two_processes_match_one(tmp_path):
         "trainer.val_every=1000",
         "trainer.log_every=1",
         "model.quantizer={kind: fsq, levels: [8, 5, 5, 5]}",
+        # a discriminator (kept out of DDP, averaged by the loop) that has not started yet
+        "model.gan_weight=0.1",
+        "model.gan_start_step=1000",
     ]
-    run(tmp_path, "one", common)
-    run(tmp_path, "two", [*common, "trainer=ddp", "trainer.devices=2"])
+    _, one_rows = run(tmp_path, "one", common)
+    _, two_rows = run(tmp_path, "two", [*common, "trainer=ddp", "trainer.devices=2"])
     one = ckpt.load(tmp_path / "one" / "checkpoints" / "last.pt")["model"]
     two = ckpt.load(tmp_path / "two" / "checkpoints" / "last.pt")["model"]
     worst = max((one[k].float() - two[k].float()).abs().max().item() for k in one)
     assert worst < 1e-4, worst
+    # The logged scalars are the whole batch's (averaged over the ranks), not rank 0's half.
+    for key in ("train/loss", "train/psnr"):
+        a, b = losses(one_rows, key), losses(two_rows, key)
+        assert sorted(a) == sorted(b) == list(range(1, 7))
+        assert all(b[s] == pytest.approx(a[s], rel=1e-4) for s in a), (key, a, b)
 
 
 def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
@@ -92,7 +100,9 @@ def test_nonfinite_losses_are_skipped_then_stop(tmp_path, monkeypatch):
 
     monkeypatch.setattr(VideoTokenizer, "loss", nan_after_4)
     overrides = ["trainer.max_nonfinite=3", "trainer.ckpt_every=1", "trainer.log_every=1"]
-    with pytest.raises(FloatingPointError, match="3 consecutive non-finite losses at step 4"):
+    with pytest.raises(
+        FloatingPointError, match="3 consecutive non-finite losses or gradients at step 4"
+    ):
         run(tmp_path, "nan", overrides)
     state = ckpt.load(tmp_path / "nan" / "checkpoints" / "last.pt")
     assert state["step"] == 4

@@ -15,6 +15,12 @@ sum_q i_q * K^q so the interface stays one index per position; `codebook_size` i
 
 Quantization always runs in fp32 with autocast disabled: the library only switches off CUDA
 autocast, and bf16 distances or roundings on the CPU would pick wrong codes.
+
+EMA codebooks (`vq`, `rvq`) built inside a process group of several ranks (a DDP run) all-reduce
+their statistics in every training forward: code counts and sums, k-means init and dead-code
+restarts are computed over all ranks' latents, so every rank updates the same codebook from
+the whole global batch, and no buffer needs to be broadcast. Every rank must therefore run the
+same quantizer calls (the loop's steps and validations run on all ranks).
 """
 
 from __future__ import annotations
@@ -68,6 +74,12 @@ _ALLOWED = {
 def _require(cond: bool, key: str, message: str) -> None:
     if not cond:
         raise ValueError(f"quantizer config key '{key}': {message}")
+
+
+def _in_process_group() -> bool:
+    """True when built inside a process group of several ranks (a DDP run)."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _is_int(value: Any) -> bool:
@@ -215,8 +227,7 @@ def build_quantizer(kind: str, dim: int, **kwargs: Any) -> Quantizer:
         rotation_trick=bool(kwargs.get("rotation_trick", True)),
         commitment_weight=float(kwargs.get("commitment_weight", 0.25)),
         use_cosine_sim=bool(kwargs.get("use_cosine_sim", False)),
-        # never all-reduce codebooks implicitly; the loop owns distribution
-        sync_codebook=False,
+        sync_codebook=_in_process_group(),
     )
     if kind == "vq":
         impl = VectorQuantize(dim=dim, codebook_size=size, codebook_dim=codebook_dim, **vq_kwargs)

@@ -15,8 +15,9 @@ import os
 import random
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import torch
@@ -25,6 +26,8 @@ import torch.distributed as torch_dist
 TORCHRUN_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # The JobEnvironment entries a submitit job needs (their variable names differ per executor).
 SUBMITIT_KEYS = ("job_id", "num_tasks", "num_nodes", "global_rank", "local_rank", "nodes")
+# The `<date>/<time>` part of the run folder (conf/config.yaml: hydra.run.dir), when set.
+RUN_STAMP = "WORLDMODEL_RUN_STAMP"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class DistEnv:
     world_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
+    local_world_size: int = 1  # processes of the job on this machine (they share its CPUs)
 
     @property
     def is_main(self) -> bool:
@@ -65,12 +69,16 @@ def env_from_environment(environ: dict[str, str] | None = None) -> DistEnv | Non
             f"partial distributed environment: {', '.join(present)} set but "
             f"{', '.join(missing)} missing; set all of {', '.join(TORCHRUN_KEYS)} or none"
         )
+    world = int(environ["WORLD_SIZE"])
     return DistEnv(
         rank=int(environ["RANK"]),
         local_rank=int(environ["LOCAL_RANK"]),
-        world_size=int(environ["WORLD_SIZE"]),
+        world_size=world,
         master_addr=environ["MASTER_ADDR"],
         master_port=int(environ["MASTER_PORT"]),
+        # torchrun sets it; a launcher that does not is taken as one machine (never more
+        # threads than the CPUs allow)
+        local_world_size=int(environ.get("LOCAL_WORLD_SIZE", world)),
     )
 
 
@@ -103,7 +111,36 @@ def _submitit_env(environ: dict[str, str]) -> DistEnv | None:
         # One node: loopback, which needs no name resolution; several: the job's first node.
         master_addr="127.0.0.1" if job.num_nodes == 1 else job.hostnames[0],
         master_port=port,
+        local_world_size=max(1, job.num_tasks // job.num_nodes),
     )
+
+
+def share_run_stamp(
+    environ: MutableMapping[str, str] | None = None, timeout_s: float = 300.0
+) -> str | None:
+    """Under torchrun, give every process one run-folder stamp (`WORLDMODEL_RUN_STAMP`, the
+    `<date>/<time>` of `hydra.run.dir`) before Hydra makes the folder: the first process to ask
+    puts its clock into the store torchrun's agent serves at MASTER_ADDR:MASTER_PORT, and every
+    process, on every node, reads that value. A worker group that torchrun restarts finds the
+    stamp there and continues in the same folder. Returns the stamp; None outside torchrun."""
+    environ = os.environ if environ is None else environ
+    if environ.get(RUN_STAMP) or "TORCHELASTIC_RUN_ID" not in environ:
+        return environ.get(RUN_STAMP) or None
+    env = env_from_environment(dict(environ))  # a partial environment raises
+    if env is None:
+        return None
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        raise RuntimeError(
+            "torchrun's agent shares no store with its workers (TORCHELASTIC_USE_AGENT_STORE is "
+            "not True), so the processes cannot agree on one run folder: pass hydra.run.dir=PATH"
+        )
+    store = torch_dist.TCPStore(
+        env.master_addr, env.master_port, is_master=False, timeout=timedelta(seconds=timeout_s)
+    )
+    mine = datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
+    stamp = store.compare_set("worldmodel/run_stamp", "", mine).decode()
+    environ[RUN_STAMP] = stamp
+    return stamp
 
 
 def preemption_signal() -> signal.Signals | None:
@@ -145,7 +182,7 @@ def free_port() -> int:
 
 
 def _spawned(local_rank: int, fn: Callable, args: tuple, world: int, port: int) -> None:
-    env = DistEnv(local_rank, local_rank, world, "127.0.0.1", port)
+    env = DistEnv(local_rank, local_rank, world, "127.0.0.1", port, local_world_size=world)
     fn(env, *args)
 
 
@@ -207,6 +244,17 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each value averaged over the ranks (every rank must pass the same keys)."""
+    if not (torch_dist.is_available() and torch_dist.is_initialized()) or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    torch_dist.all_reduce(t)
+    t /= torch_dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
 
 
 def barrier() -> None:

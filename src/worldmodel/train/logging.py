@@ -1,4 +1,5 @@
-"""Run logging: `metrics.jsonl` always, W&B when configured, stdlib logging on rank 0 only.
+"""Run logging: `metrics.jsonl` always, W&B when configured, stdlib logging on rank 0 only, and
+the progress bar.
 
 W&B is optional in the strong sense: if it cannot start or fails later (a folder it cannot write,
 an unreachable service in online mode), training goes on with `metrics.jsonl` and a warning.
@@ -9,11 +10,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -134,3 +139,98 @@ class MetricsLogger:
                 self.wandb.finish()
             except Exception as e:
                 log.warning("W&B finish failed: %s", e)
+
+
+class _AboveBar:
+    """A console stream whose writes go through `tqdm.write`: the bar is cleared, the text
+    printed, the bar drawn again below it."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        tqdm.write(text, file=self.stream, end="")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextmanager
+def logs_above_bar() -> Iterator[None]:
+    """While it is open, console log handlers (stdout, stderr) print above the progress bar
+    instead of through it; their format, level and filters stay as they are."""
+    swapped = []
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler and handler.stream in (sys.stdout, sys.stderr):
+            swapped.append((handler, handler.setStream(_AboveBar(handler.stream))))
+    try:
+        yield
+    finally:
+        for handler, stream in swapped:
+            handler.setStream(stream)
+
+
+def _clock(seconds: float) -> str:
+    return tqdm.format_interval(max(0.0, seconds))
+
+
+class ProgressBar:
+    """The run's bar: steps toward `max_steps`, or, under a wall-time budget, toward the step the
+    budget is expected to end at (`max_steps` if that comes first), estimated from this
+    process's rate; so the total and the ETA follow whichever ends the run.
+
+    `desc` names the run ("stage 2/3 lam: train lam" in a pipeline). Log records go above the
+    bar while it is open (`logs_above_bar`).
+    """
+
+    def __init__(
+        self,
+        enabled: bool,
+        desc: str,
+        max_steps: int,
+        step: int,
+        budget_s: float | None = None,
+    ) -> None:
+        self.max_steps = max_steps
+        self.budget_s = budget_s
+        self.first: tuple[int, float] | None = None  # (step, elapsed) when this process began
+        self.loss: float | None = None  # the last logged loss
+        self.bar = tqdm(
+            total=max_steps,
+            initial=step,
+            disable=not enabled,
+            desc=desc,
+            dynamic_ncols=True,
+            mininterval=2.0,
+            smoothing=0.1,
+        )
+        self._open = ExitStack()
+        if enabled:
+            self._open.enter_context(logs_above_bar())
+
+    def start(self, step: int, elapsed_s: float) -> None:
+        """Mark where this process's steps begin (after setup and a first validation)."""
+        self.first = (step, elapsed_s)
+
+    def update(self, step: int, elapsed_s: float, loss: float | None = None) -> None:
+        if self.budget_s is not None and self.first is not None:
+            done, spent = step - self.first[0], elapsed_s - self.first[1]
+            if done > 0 and spent > 0:
+                expected = step + (self.budget_s - elapsed_s) * done / spent
+                self.bar.total = max(step, min(self.max_steps, round(expected)))
+        if loss is not None:
+            self.loss = loss
+        postfix = {} if self.loss is None else {"loss": f"{self.loss:.4f}"}
+        if self.budget_s is not None:
+            postfix["time"] = f"{_clock(elapsed_s)}/{_clock(self.budget_s)}"
+        if postfix:
+            self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(step - self.bar.n)
+
+    def close(self, step: int) -> None:
+        """The run ended at `step`: a budget that ended it first makes that the total."""
+        if self.budget_s is not None and step < self.max_steps:
+            self.bar.total = step
+            self.bar.refresh()
+        self.bar.close()
+        self._open.close()

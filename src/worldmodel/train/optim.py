@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,34 +29,72 @@ def adamw(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas))
 
 
-def lr_lambda(
-    warmup_steps: int,
-    max_steps: int,
-    schedule: str = "cosine",
-    min_ratio: float = 0.1,
-    time_progress: Callable[[], float] | None = None,
-) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to `min_ratio` of the peak (or constant).
+class LRSchedule:
+    """Linear warm-up over the first `warmup_steps` steps, then cosine decay to `min_ratio` of the
+    peak (or constant).
 
-    With `time_progress` (the fraction of a wall-time budget used, see `trainer.max_minutes`) the
-    decay follows whichever budget, steps or time, is further along, so a run cut by time still
-    ends annealed.
+    Decay progress is the further along of two fractions, both counted from where warm-up ended:
+    the steps taken of the `max_steps - warmup_steps` left, and, with a wall-time budget
+    (`trainer.max_minutes`), the time used of the budget left. Both are 0 when warm-up ends, so
+    the factor is continuous there, and a run cut by time still ends annealed. The state (where
+    warm-up ended, the progress behind the current factor) goes into checkpoints, so a resumed
+    run continues from the stored position.
     """
-    if schedule not in ("cosine", "constant"):
-        raise ValueError(f"trainer.lr_schedule={schedule!r}: expected cosine or constant")
 
-    def factor(step: int) -> float:
-        if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-        if time_progress is not None:
-            progress = max(progress, time_progress())
-        progress = min(1.0, progress)
-        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    def __init__(
+        self,
+        warmup_steps: int,
+        max_steps: int,
+        kind: str = "cosine",
+        min_ratio: float = 0.1,
+        budget_s: float | None = None,
+    ) -> None:
+        if kind not in ("cosine", "constant"):
+            raise ValueError(f"trainer.lr_schedule={kind!r}: expected cosine or constant")
+        self.warmup_steps = int(warmup_steps)
+        self.max_steps = int(max_steps)
+        self.kind = kind
+        self.min_ratio = float(min_ratio)
+        self.budget_s = budget_s
+        self.warmup_end_s: float | None = None  # wall time (of the run) when warm-up ended
+        self.progress = 0.0  # decay progress behind `factor`, in [0, 1]
+        self.factor = self.update(0, 0.0)
 
-    return factor
+    def update(self, step: int, elapsed_s: float = 0.0) -> float:
+        """The factor for the optimizer step with index `step` (0-based), `elapsed_s` seconds of
+        wall time into the run; it becomes the current position."""
+        if step < self.warmup_steps:
+            self.progress, self.factor = 0.0, (step + 1) / self.warmup_steps
+            return self.factor
+        if self.warmup_end_s is None:
+            self.warmup_end_s = float(elapsed_s)
+        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+        if self.budget_s is not None:
+            left = self.budget_s - self.warmup_end_s
+            used = (elapsed_s - self.warmup_end_s) / left if left > 0 else 1.0
+            progress = max(progress, used)
+        self.progress = min(1.0, max(0.0, progress))
+        if self.kind == "constant":
+            self.factor = 1.0
+        else:
+            cosine = 0.5 * (1.0 + math.cos(math.pi * self.progress))
+            self.factor = self.min_ratio + (1.0 - self.min_ratio) * cosine
+        return self.factor
+
+    def state_dict(self) -> dict[str, float | None]:
+        return {
+            "warmup_end_s": self.warmup_end_s,
+            "progress": self.progress,
+            "factor": self.factor,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the stored position (a checkpoint without one starts the decay afresh)."""
+        if "factor" not in state:  # an older checkpoint's LambdaLR state
+            return
+        self.warmup_end_s = state["warmup_end_s"]
+        self.progress = float(state["progress"])
+        self.factor = float(state["factor"])
 
 
 class EMA:

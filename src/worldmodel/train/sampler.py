@@ -1,9 +1,11 @@
-"""The data order: a pure function of (seed, step), so a resumed run reads what it would have.
+"""The data order: a pure function of (seed, global batch index), so a resumed run reads what it
+would have.
 
 Each epoch is a seeded permutation of the dataset cut into global batches (the last partial one is
-dropped). A global batch is split into `grad_accum` micro-batches, and each micro-batch into one
-slice per process, so N processes see exactly the samples one process would see at the same
-global batch size.
+dropped). The position is counted in global batches consumed, not optimizer steps: a step skipped
+for a non-finite loss or gradient consumes its batch too. A global batch is split into
+`grad_accum` micro-batches, and each micro-batch into one slice per process, so N processes see
+exactly the samples one process would see at the same global batch size.
 """
 
 from __future__ import annotations
@@ -14,8 +16,17 @@ import torch
 from torch.utils.data import Sampler
 
 
+def position(batches: int, batches_per_epoch: int) -> dict[str, int]:
+    """Global batches consumed, and the epoch and batch within it they lead to."""
+    return {
+        "batches": batches,
+        "epoch": batches // batches_per_epoch,
+        "batch": batches % batches_per_epoch,
+    }
+
+
 class ResumableSampler(Sampler[int]):
-    """Infinite index stream for one rank, starting at optimizer step `start_step`."""
+    """Infinite index stream for one rank, starting at global batch `start_batch`."""
 
     def __init__(
         self,
@@ -25,7 +36,7 @@ class ResumableSampler(Sampler[int]):
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
-        start_step: int = 0,
+        start_batch: int = 0,
     ) -> None:
         if num_samples < global_batch:
             raise ValueError(
@@ -38,21 +49,21 @@ class ResumableSampler(Sampler[int]):
         self.rank = rank
         self.world = world_size
         self.seed = seed
-        self.start_step = start_step
-        self.steps_per_epoch = num_samples // global_batch
+        self.start_batch = start_batch
+        self.batches_per_epoch = num_samples // global_batch
         self.micro = global_batch // (grad_accum * world_size)
 
-    def position(self, step: int) -> dict[str, int]:
-        """Epoch and batch within the epoch at an optimizer step (stored in checkpoints)."""
-        return {"epoch": step // self.steps_per_epoch, "batch": step % self.steps_per_epoch}
+    def position(self, batches: int) -> dict[str, int]:
+        """Where the stream stands after `batches` global batches (stored in checkpoints)."""
+        return position(batches, self.batches_per_epoch)
 
     def __iter__(self) -> Iterator[int]:
-        pos = self.position(self.start_step)
+        pos = self.position(self.start_batch)
         epoch, first = pos["epoch"], pos["batch"]
         while True:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(self.n, generator=g)
-            for b in range(first, self.steps_per_epoch):
+            for b in range(first, self.batches_per_epoch):
                 batch = perm[b * self.global_batch : (b + 1) * self.global_batch]
                 # (A * W * m) -> micro-batch a, rank r: batch[(a * W + r) * m : ... + m]
                 for a in range(self.grad_accum):
