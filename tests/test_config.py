@@ -278,3 +278,10 @@ def test_the_readmes_commands_compose_and_validate():
         cfg = compose_config(overrides)
         if cfg.trainer.accelerator == "cpu":
             validate(cfg, environ={"WORLD_SIZE": "4"} if words[0] == "torchrun" else {})
+
+
+def test_eval_split_must_name_a_split(compose_cfg):
+    cfg = compose_cfg(["eval.split=tset"])
+    with pytest.raises(ConfigError, match="eval.split='tset'"):
+        validate(cfg)
+    assert validate(compose_cfg(["eval.split=test"])).eval.split == "test"

@@ -109,6 +109,38 @@ def test_procgen_records_caches_and_rerecords_after_interruption(tmp_path):
     assert ProcgenSource(**{**kwargs, "seed": 1}).cache_dir != folder
 
 
+def test_procgen_records_a_test_split_of_its_own_levels_with_many_envs(tmp_path):
+    kwargs = dict(
+        root=str(tmp_path),
+        num_envs=2,
+        train_frames=200,
+        val_frames=240,
+        test_frames=240,
+        eval_num_envs=24,  # 24 short episodes from up to 24 levels per held-out split
+        val_num_levels=1000,
+        test_num_levels=1000,
+        clip_length=4,
+        name="procgen",
+    )
+    source = ProcgenSource(**kwargs)
+    test = source.split("test")
+    assert test.num_frames == 240 and test.num_clips > 0
+    manifest = json.loads((source.cache_dir / MANIFEST).read_text())
+    seeds = {
+        split: [e["level_seed"] for e in manifest["splits"][split]["episodes"]]
+        for split in ("train", "val", "test")
+    }
+    assert len(seeds["test"]) >= 24 and len(set(seeds["test"])) >= 20  # many levels
+    assert all(200000 <= s < 201000 for s in seeds["test"])
+    assert not set(seeds["test"]) & (set(seeds["val"]) | set(seeds["train"]))
+    # a recording without test frames has no test split, and says so
+    plain = ProcgenSource(**{**kwargs, "test_frames": 0, "eval_num_envs": None})
+    with pytest.raises(ValueError, match="no 'test' split"):
+        plain.split("test")
+    with pytest.raises(ValueError, match="test levels .* overlap"):
+        ProcgenSource(root=str(tmp_path), test_frames=10, test_level_start=100050)
+
+
 def test_procgen_rejects_bad_names_and_overlapping_levels(tmp_path):
     with pytest.raises(ValueError, match="coinrun.*starpilot"):
         ProcgenSource(root=str(tmp_path), env_name="coinrunn")

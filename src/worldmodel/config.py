@@ -279,6 +279,9 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictC
     if world is not None and world != int(cfg.trainer.devices):
         with open_dict(cfg):
             cfg.trainer.devices = world
+    split = (cfg.get("eval") or {}).get("split", "val")
+    if split not in ("train", "val", "test"):
+        errors.append(f"eval.split={split!r}: expected train, val or test")
     if cfg.task not in TASKS:
         errors.append(f"task={cfg.task!r}: expected one of {', '.join(TASKS)}")
     if cfg.task in ("eval", "play") and not cfg.get("checkpoint"):

@@ -47,6 +47,10 @@ class ProcgenSource(Source):
         train_frames, val_frames: frames to record per split.
         train_level_start, train_num_levels, val_level_start, val_num_levels: level ranges
             (must not overlap).
+        test_frames, test_level_start, test_num_levels: a third split of its own levels,
+            recorded when test_frames > 0: numbers are reported on it, recipes chosen on val.
+        eval_num_envs: environments stepped together for val and test (null = num_envs):
+            many at once give many short episodes from many levels.
         distribution_mode: procgen's "easy" | "hard" | "extreme" | "memory" | "exploration".
         max_action_repeat: each random action is held for 1..max_action_repeat steps.
         seed: seeds the policy and procgen (val uses seed + 1).
@@ -71,6 +75,10 @@ class ProcgenSource(Source):
         train_num_levels: int = 500,
         val_level_start: int = 100000,
         val_num_levels: int = 100,
+        test_frames: int = 0,
+        test_level_start: int = 200000,
+        test_num_levels: int = 100,
+        eval_num_envs: int | None = None,
         distribution_mode: str = "hard",
         max_action_repeat: int = 4,
         seed: int = 0,
@@ -86,14 +94,23 @@ class ProcgenSource(Source):
             )
         train = range(train_level_start, train_level_start + train_num_levels)
         val = range(val_level_start, val_level_start + val_num_levels)
-        if min(train_num_levels, val_num_levels) < 1:
-            raise ValueError("train_num_levels and val_num_levels must be >= 1 (0 = unbounded)")
-        if train.start < val.stop and val.start < train.stop:
-            raise ValueError(f"train levels {train} and val levels {val} overlap")
+        test = range(test_level_start, test_level_start + test_num_levels)
+        if min(train_num_levels, val_num_levels, test_num_levels) < 1:
+            raise ValueError("train_num_levels, val_num_levels and test_num_levels must be >= 1")
+        self.levels = {"train": train, "val": val}
+        self.frames = {"train": int(train_frames), "val": int(val_frames)}
+        if int(test_frames) > 0:  # levels only reported on, never used to choose a recipe
+            self.levels["test"], self.frames["test"] = test, int(test_frames)
+        names = list(self.levels)
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                ra, rb = self.levels[a], self.levels[b]
+                if ra.start < rb.stop and rb.start < ra.stop:
+                    raise ValueError(f"{a} levels {ra} and {b} levels {rb} overlap")
         self.env_name = env_name
         self.num_envs = int(num_envs)
-        self.frames = {"train": int(train_frames), "val": int(val_frames)}
-        self.levels = {"train": train, "val": val}
+        # val and test: many environments at once = many short episodes from many levels
+        self.eval_num_envs = int(eval_num_envs) if eval_num_envs else None
         self.distribution_mode = distribution_mode
         self.max_action_repeat = int(max_action_repeat)
         self.seed = int(seed)
@@ -106,7 +123,7 @@ class ProcgenSource(Source):
         return PROCGEN_NUM_ACTIONS
 
     def recording_params(self) -> dict[str, Any]:
-        return {
+        params = {
             "source": self.kind,
             "env_name": self.env_name,
             "resolution": list(self.resolution),
@@ -118,10 +135,13 @@ class ProcgenSource(Source):
             "seed": self.seed,
             "env_kwargs": self.env_kwargs,
         }
+        if self.eval_num_envs:  # only when set: earlier recordings keep their cache key
+            params["eval_num_envs"] = self.eval_num_envs
+        return params
 
     def record(self, writer: CacheWriter) -> dict[str, Any]:
         num_actions = None
-        for i, split in enumerate(("train", "val")):
+        for i, split in enumerate(self.levels):
             num_actions = self._record_split(writer[split], split, self.seed + i)
         return {"num_actions": num_actions}
 
@@ -129,8 +149,9 @@ class ProcgenSource(Source):
         from procgen import ProcgenGym3Env  # heavy import, only when recording
 
         levels = self.levels[split]
+        num_envs = self.num_envs if split == "train" else self.eval_num_envs or self.num_envs
         env = ProcgenGym3Env(
-            num=self.num_envs,
+            num=num_envs,
             env_name=self.env_name,
             start_level=levels.start,
             num_levels=len(levels),
@@ -139,11 +160,11 @@ class ProcgenSource(Source):
             **self.env_kwargs,
         )
         num_actions = int(env.ac_space.eltype.n)
-        policy = HeldRandomPolicy(num_actions, self.num_envs, self.max_action_repeat, seed)
+        policy = HeldRandomPolicy(num_actions, num_envs, self.max_action_repeat, seed)
         budget = self.frames[split]
-        frames: list[list[np.ndarray]] = [[] for _ in range(self.num_envs)]
-        actions: list[list[int]] = [[] for _ in range(self.num_envs)]
-        level_seeds = [-1] * self.num_envs
+        frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
+        actions: list[list[int]] = [[] for _ in range(num_envs)]
+        level_seeds = [-1] * num_envs
 
         def flush(env_id: int) -> None:
             clip = np.stack(frames[env_id])
@@ -168,13 +189,13 @@ class ProcgenSource(Source):
                     break
                 act = policy()
                 # on the last step only the first `room` envs contribute, to hit the budget exactly
-                for env_id in range(min(room, self.num_envs)):
+                for env_id in range(min(room, num_envs)):
                     frames[env_id].append(obs["rgb"][env_id].copy())
                     actions[env_id].append(int(act[env_id]))
                 env.act(act.astype(np.int32))
-                bar.update(min(room, self.num_envs))
+                bar.update(min(room, num_envs))
             # the episodes still running are kept, truncated, in env order
-            for env_id in range(self.num_envs):
+            for env_id in range(num_envs):
                 if frames[env_id]:
                     flush(env_id)
         return num_actions

@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SPLITS = ("train", "val")
+SPLITS = ("train", "val")  # every cache has these
+OPTIONAL_SPLITS = ("test",)  # recorded by sources asked for them (levels kept for reporting)
 
 # A .npy header of fixed size, so it can be rewritten in place once the frame count is known.
 # 128 bytes leave room for any realistic shape; numpy reads headers of any length.
@@ -186,6 +187,8 @@ class CacheWriter:
         self.splits = {split: SplitWriter(folder, split, self.frame_shape) for split in SPLITS}
 
     def __getitem__(self, split: str) -> SplitWriter:
+        if split not in self.splits and split in OPTIONAL_SPLITS:
+            self.splits[split] = SplitWriter(self.folder, split, self.frame_shape)
         return self.splits[split]
 
     def finish(self, params: dict[str, Any], num_actions: int | None, **extra: Any) -> dict:

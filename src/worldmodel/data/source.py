@@ -91,7 +91,7 @@ class Source:
         start = time.perf_counter()
         extra = self.record(writer)
         seconds = time.perf_counter() - start
-        frames = writer["train"].num_frames + writer["val"].num_frames
+        frames = sum(w.num_frames for w in writer.splits.values())
         log.info(
             "recorded %d frames in %.1f s (%.0f frames/s) into %s",
             frames,
@@ -115,21 +115,30 @@ class Source:
 
     def datasets(self) -> tuple[ClipDataset, ClipDataset]:
         """(train, val) clip datasets over the cache, recording it first if needed."""
+        return self.split("train"), self.split("val")
+
+    def split(self, name: str) -> ClipDataset:
+        """The clip dataset of one recorded split (train, val, or test where the source records
+        one), recording the cache first if needed. Train clips start every `clip_stride`
+        frames; val and test clips do not overlap unless `val_clip_stride` says otherwise."""
         folder = self.prepare()
+        recorded = sorted((self.manifest or {}).get("splits", {}))
+        if name not in recorded:
+            raise ValueError(
+                f"{self.name}: no {name!r} split in {folder} (recorded: {', '.join(recorded)}); "
+                "a test split is recorded when the data config asks for test frames"
+            )
         span = (self.clip_length - 1) * self.frame_stride + 1
-        strides = {"train": self.clip_stride, "val": self.val_clip_stride or span}
-        out = []
-        for split, stride in strides.items():
-            ds = ClipDataset(folder, split, self.clip_length, self.frame_stride, stride)
-            if ds.num_clips == 0:
-                longest = max((e["length"] for e in ds.episodes), default=0)
-                raise ValueError(
-                    f"{self.name}: the {split} split has no clip of {self.clip_length} frames "
-                    f"with frame_stride {self.frame_stride} (needs {span} frames; "
-                    f"{ds.num_episodes} episodes, longest {longest} frames) in {folder}"
-                )
-            out.append(ds)
-        return out[0], out[1]
+        stride = self.clip_stride if name == "train" else self.val_clip_stride or span
+        ds = ClipDataset(folder, name, self.clip_length, self.frame_stride, stride)
+        if ds.num_clips == 0:
+            longest = max((e["length"] for e in ds.episodes), default=0)
+            raise ValueError(
+                f"{self.name}: the {name} split has no clip of {self.clip_length} frames "
+                f"with frame_stride {self.frame_stride} (needs {span} frames; "
+                f"{ds.num_episodes} episodes, longest {longest} frames) in {folder}"
+            )
+        return ds
 
     @property
     def skipped(self) -> int:

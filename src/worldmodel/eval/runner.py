@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -64,7 +64,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         data_cfg = cfg.data.copy()
         if cfg.eval.get("clip_length"):  # e.g. a tokenizer trained on single frames, on clips
             data_cfg.clip_length = int(cfg.eval.clip_length)
-        _, val = instantiate(data_cfg).datasets()
+        val = instantiate(data_cfg).split(str(cfg.eval.get("split", "val")))
         metrics, media, n = evaluate_tokenizer(model, val, cfg, run_dir)
     elif isinstance(model, LatentActions):
         metrics, media, n = evaluate_lam(model, cfg, run_dir)
@@ -90,6 +90,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             for k, v in OmegaConf.to_container(cfg.data, resolve=True).items()
             if k in ("name", "env_name", "game", "folder", "resolution", "clip_length")
         },
+        "split": str(cfg.eval.get("split", "val")),
         "num_clips": n,
         "metrics": metrics,
         "media": {k: str(Path(v).relative_to(run_dir)) for k, v in media.items()},
@@ -128,13 +129,16 @@ def evaluate_tokenizer(
     model: Tokenizer, val: Any, cfg: DictConfig, run_dir: Path
 ) -> tuple[dict[str, float], dict[str, Path], int]:
     """Reconstruction PSNR / SSIM / LPIPS and codebook use over held-out clips, on the model's
-    device."""
+    device; on the frames that change (frames 1.. of each clip), the reconstruction beside
+    copying the previous frame (and, for a tokenizer that refines, decoding with the real
+    previous frame), PSNR of the pooled MSE."""
     device = next(model.parameters()).device
     subset = val_subset(val, int(cfg.eval.batches) * int(cfg.eval.batch_size))
     loader = DataLoader(subset, batch_size=int(cfg.eval.batch_size))
     lpips = _lpips(cfg)
     lpips = lpips.to(device) if lpips is not None else None
     means = RunningMeans()
+    changing: dict[str, list[Tensor]] = {"mask": [], "recon": [], "copy": [], "refined": []}
     all_indices, shown = [], None
     n = 0
     bf16 = cfg.trainer.precision == "bf16"
@@ -148,12 +152,31 @@ def evaluate_tokenizer(
         if lpips is not None:
             scores["lpips"] = lpips(recon, video)
         means.update(scores, b)
+        if video.shape[2] > 1:  # frames 1.. against the frame before each
+            prev, target = video[:, :, :-1], video[:, :, 1:]
+            changing["mask"].append(M.changing_mask(prev, target).cpu())
+            changing["recon"].append(M.frame_mse(recon[:, :, 1:], target).cpu())
+            changing["copy"].append(M.frame_mse(prev, target).cpu())
+            if model.refines and recon.shape[2] == video.shape[2]:
+                with autocast(device, bf16):
+                    refined = model.refine(recon[:, :, 1:], prev).float()
+                changing["refined"].append(M.frame_mse(refined, target).cpu())
         n += b
         all_indices.append(indices.flatten().cpu())
         if shown is None:
             k = int(cfg.eval.media_samples)
             shown = (video[:k].cpu(), recon[:k].cpu())
     metrics = means.result()
+    if changing["mask"]:
+        mask = torch.cat(changing["mask"])
+        metrics["changing_fraction"] = float(mask.float().mean())
+        for key, name in (
+            ("recon", "psnr_changing"),
+            ("copy", "copy_previous_psnr_changing"),
+            ("refined", "refined_psnr_changing"),
+        ):
+            if changing[key]:
+                metrics[name] = float(M.pooled_psnr(torch.cat(changing[key]), mask))
     stats = M.codebook_stats(torch.cat(all_indices), int(model.codebook_size))
     metrics.update({f"codebook/{k}": float(v) for k, v in stats.items()})
     metrics["tokens_per_frame"] = float(indices[0, 0].numel())  # per latent frame

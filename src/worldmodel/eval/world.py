@@ -97,9 +97,10 @@ def token_val(world: World, pixels: Any) -> Any:
     )
 
 
-def pixel_val(data_cfg: DictConfig) -> Any:
-    """The validation clips of a data config (recorded into its cache on first use)."""
-    return instantiate(data_cfg).datasets()[1]
+def pixel_val(data_cfg: DictConfig, split: str = "val") -> Any:
+    """The held-out clips of a data config (recorded into its cache on first use): the
+    validation split, or `split` (e.g. "test", the levels numbers are reported on)."""
+    return instantiate(data_cfg).split(split)
 
 
 def text_context(model: nn.Module, clip_actions: Tensor) -> Any:
@@ -277,7 +278,7 @@ def evaluate_lam(
     of the prediction and of the previous real frame over the frames that change. Scored on the
     validation clips of `cfg.data`, cut to the model's `max_frames`.
     """
-    pixels = pixel_val(cfg.data)
+    pixels = pixel_val(cfg.data, str(cfg.eval.get("split", "val")))
     loader = DataLoader(_subset(pixels, cfg), batch_size=int(cfg.eval.batch_size))
     num_codes = int(model.num_actions)
     length = min(pixels.clip_length, int(model.max_frames))
@@ -640,7 +641,7 @@ def evaluate_dynamics(
     or the model is conditioned on text (the reason is logged).
     """
     model, device = world.dynamics, world.device
-    pixels = pixel_val(cfg.data)
+    pixels = pixel_val(cfg.data, str(cfg.eval.get("split", "val")))
     layout = FrameLayout.of(world.tokenizer, pixels.clip_length, latent_frames(world, pixels))
     tokens_val = token_val(world, pixels)
     indices = list(_subset(pixels, cfg).indices)
