@@ -330,3 +330,20 @@ def test_ranks_per_machine_come_from_the_launcher(monkeypatch):
         monkeypatch.setenv(key, value)
     env = dist.env_from_environment()
     assert (env.world_size, env.local_world_size) == (4, 2)
+
+
+def test_validation_leaves_the_model_unchanged(tmp_path):
+    """A LAM's k-means codebook init runs on the first forward pass: run by the validation
+    before step 0 (inside the EMA swap) it used to leave `initted` set over a zero codebook,
+    so the codebook was never initialised from training data."""
+    cfg = validate(
+        compose_config(
+            ["experiment=smoke_lam", "logger=none", "trainer.progress=false"], run_dir=tmp_path
+        )
+    )
+    run = loop.setup(cfg, torch.device("cpu"), ckpt.CheckpointManager(tmp_path / "ck", 1))
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    loop.validate(run, torch.device("cpu"), None, media=False)
+    after = run.model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed == []

@@ -343,6 +343,9 @@ def validate(run: Run, device: torch.device, logger: MetricsLogger | None, media
     subset = val_subset(run.val_ds, int(tr.val_batches) * int(tr.micro_batch))
     loader = DataLoader(subset, batch_size=int(tr.micro_batch))
     model.eval()
+    # Validation must not change the model: a quantizer's k-means init or EMA statistics run on
+    # a forward pass would otherwise stay (and, inside the EMA swap, half of it be undone).
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     sums: dict[str, float] = {}
     n = 0
     swapped = run.ema.swapped_into(model) if run.ema is not None else nullcontext()
@@ -362,6 +365,9 @@ def validate(run: Run, device: torch.device, logger: MetricsLogger | None, media
             logger.log(run.step, row)
             if media and first is not None and hasattr(model, "reconstruct"):
                 _reconstruction_media(run, first, device, logger)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
     model.train()
     log.info("step %d: %s", run.step, ", ".join(f"{k}={v:.4f}" for k, v in row.items()))
     return row.get("val/loss", float("nan"))
