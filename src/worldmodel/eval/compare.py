@@ -118,11 +118,21 @@ def rollout_at(metrics: dict[str, Any], horizon: int = ROLLOUT_HORIZON) -> float
     return curve[horizon - 1] if len(curve) >= horizon else None
 
 
+def _changing_at(metrics: dict[str, Any], key: str, horizon: int) -> float | None:
+    """A per-horizon curve on changing frames at `horizon` (or its last point if shorter)."""
+    curve = metrics.get(key) or []
+    return curve[min(horizon, len(curve)) - 1] if curve else None
+
+
 def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
+    """World models beside the baselines a trivial model gets, on the frames that change:
+    copying the last real (context) frame; ΔtPSNR with its episode-clustered error; control
+    accuracy beside the inverse-dynamics model's accuracy on real transitions and chance."""
     rows = [
-        "| stage | model | tokenizer | weights | steps | minutes | next-frame PSNR (dB) | "
-        "tokenizer ceiling (dB) | ΔtPSNR t=4 (dB) | rollout PSNR h=8 (dB) | frames/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stage | model | tokenizer | weights | steps | minutes | actions | "
+        "rollout PSNR h=1 / copy (dB) | rollout PSNR h=4 / copy (dB) | ΔtPSNR t=4 (dB) | "
+        "control acc. (real / chance) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stages:
         m = s.metrics
@@ -130,11 +140,22 @@ def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
         delta_s = (
             f"{delta:+.2f} ± {m.get('delta_psnr_stderr', 0):.2f}" if delta is not None else "–"
         )
+        cells = []
+        for h in (1, 4):
+            model = _changing_at(m, "rollout_psnr_changing", h)
+            copy = _changing_at(m, "copy_psnr_changing", h)
+            cells.append(f"{_fmt(model)} / {_fmt(copy)}")
+        control = m.get("control_accuracy")
+        control_s = (
+            f"{control:.2f} ({m.get('control_accuracy_real', 0):.2f} / "
+            f"{m.get('control_chance', 0):.2f})"
+            if control is not None
+            else "–"
+        )
         rows.append(
             f"| {s.name} | {s.model} | {_tokenizer_of(s, by_path)} | {_millions(s.params)} | "
-            f"{s.steps:,} | {s.minutes:.1f} | {_fmt(m.get('psnr'))} | "
-            f"{_fmt(m.get('tokenizer_psnr'))} | {delta_s} | {_fmt(rollout_at(m))} | "
-            f"{_fmt(m.get('gen_fps'), 1)} |"
+            f"{s.steps:,} | {s.minutes:.1f} | {m.get('action_source', '–')} | {cells[0]} | "
+            f"{cells[1]} | {delta_s} | {control_s} | {_fmt(m.get('gen_fps'), 1)} |"
         )
     return rows
 
