@@ -27,6 +27,7 @@ from torch import nn
 from worldmodel.config import validate
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.tokenizer import VideoTokenizer
+from worldmodel.runtime import choose_threads, idle_cpus
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train import dist, loop
 from worldmodel.train.logging import read_metrics
@@ -306,10 +307,21 @@ def test_ddp_codebooks_learn_from_every_rank(tmp_path):
 def test_threads_null_is_this_process_share_of_the_cpus(monkeypatch):
     # 6 CPUs and 3 ranks on this machine: 2 torch threads each.
     monkeypatch.setattr("worldmodel.runtime.available_cpus", lambda: 6)
+    monkeypatch.setattr("worldmodel.runtime.idle_cpus", lambda: 6.0)  # an idle machine
     monkeypatch.setattr(loop, "_train", lambda *args: torch.get_num_threads())
     plain = OmegaConf.to_container(compose_config(["trainer.threads=null"]), resolve=True)
     assert loop._worker(dist.DistEnv(local_world_size=3), plain) == 2
     assert loop._worker(dist.DistEnv(local_world_size=1), plain) == 6
+
+
+def test_a_busy_machine_gets_fewer_threads(monkeypatch):
+    monkeypatch.setattr("worldmodel.runtime.available_cpus", lambda: 2)
+    assert choose_threads(idle=2.0) == 2  # idle: the whole share
+    assert choose_threads(idle=1.0) == 1  # one CPU-bound neighbour: one thread
+    assert choose_threads(idle=0.1) == 1  # never fewer than one
+    assert choose_threads(4, idle=0.0) == 4  # what the config asks for wins
+    idle = idle_cpus(0.05)
+    assert idle is None or 0.0 <= idle <= (os.cpu_count() or 1)
 
 
 def test_ranks_per_machine_come_from_the_launcher(monkeypatch):

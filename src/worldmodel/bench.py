@@ -26,6 +26,7 @@ import torch
 
 from worldmodel.build import build_model
 from worldmodel.config import instantiate
+from worldmodel.runtime import choose_threads
 from worldmodel.world import World
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
@@ -356,6 +357,43 @@ def case_phenaki(kind: str, overrides: list[str], warmup: int, iters: int) -> di
     return out
 
 
+def case_contention(overrides: list[str], warmup: int, iters: int) -> dict:
+    """The demo tokenizer's bf16 train step on an idle machine, then beside one CPU-bound
+    process: with the threads fixed at the idle choice, and with the threads chosen for the
+    busy machine (`runtime.choose_threads`, as `trainer.threads: null` does). The ratios are
+    the busy rate over the idle rate (1.0 = no slowdown)."""
+    cfg = _compose(["experiment=demo_tokenizer", *overrides])
+    model = build_model(cfg.model)
+    video = _video(b=16, t=1)
+    batch = {"video": video, "mask": torch.ones(16, 1, dtype=torch.bool)}
+    step = _train_step(model, batch, bf16=True)
+
+    def rate(threads: int) -> float:
+        torch.set_num_threads(threads)
+        return 1.0 / statistics.median(_timed(step, warmup, iters))
+
+    idle_threads = choose_threads()
+    idle = rate(idle_threads)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(1.0)
+        fixed = rate(idle_threads)
+        chosen_threads = choose_threads()
+        chosen = rate(chosen_threads)
+    finally:
+        busy.kill()
+        busy.wait()
+    return {
+        "idle_steps_per_s": idle,
+        "idle_threads": idle_threads,
+        "busy_fixed_steps_per_s": fixed,
+        "busy_chosen_steps_per_s": chosen,
+        "busy_chosen_threads": chosen_threads,
+        "busy_fixed_vs_idle": fixed / idle,
+        "busy_chosen_vs_idle": chosen / idle,
+    }
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -371,6 +409,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
     "play_demo": case_play,
+    "contention": case_contention,
     "cvivit_train_fp32": lambda o, w, i: case_cvivit("train_fp32", o, w, i),
     "cvivit_train_bf16": lambda o, w, i: case_cvivit("train_bf16", o, w, i),
     "cvivit_encode_fp32": lambda o, w, i: case_cvivit("encode_fp32", o, w, i),
