@@ -65,7 +65,7 @@ def test_ablation_notebook_reads_a_sweep(tmp_path, monkeypatch):
         for c in nb.cells
         for o in c.get("outputs", [])
     )
-    assert "4 runs; swept: optim.lr, model.quantizer.levels" in text
+    assert "4 runs; swept: model.quantizer.levels, optim.lr" in text
 
     with open(sweep_dir / "ablation.csv") as f:
         table = {row["run"]: row for row in csv.DictReader(f)}

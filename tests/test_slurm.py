@@ -240,9 +240,11 @@ def test_two_slurm_tasks_train_with_ddp(slurm, sweep, tmp_path):
     (job,) = run.job_ids(1)
     run.wait()
     (run_dir,) = run.run_dirs()
-    # Both tasks ran the task function: rank 0 validated (a float), rank 1 did not (None).
-    assert isinstance(_result(tmp_path / "ddp", job, 0), float)
-    assert _result(tmp_path / "ddp", job, 1) is None
+    # Both tasks ran the task function; every rank validates the same batches with the same
+    # weights (a codebook's k-means init is a collective), so both return the same loss.
+    first = _result(tmp_path / "ddp", job, 0)
+    assert isinstance(first, float)
+    assert _result(tmp_path / "ddp", job, 1) == pytest.approx(first, rel=1e-4)
     # Each task saw half of every batch of 4; with gradients averaged across the two tasks the
     # weights follow the one-process run of the sweep (without the all-reduce, rank 0 would
     # have trained on its halves alone).
