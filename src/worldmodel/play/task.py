@@ -2,6 +2,7 @@
 
     python run.py task=play checkpoint=PATH play.actions=[0,1,1,2]        # headless
     python run.py task=play checkpoint=PATH play.interactive=true         # in the terminal
+    python run.py task=play checkpoint=PATH play.ui=web                   # a page in the browser
 
 The prompt is a validation frame of `data` (`play.prompt_index`) or an image file
 (`play.prompt_image`, resized to the model's frame size). Actions are the model's own action ids
@@ -9,6 +10,10 @@ The prompt is a validation frame of `data` (`play.prompt_index`) or an image fil
 ids of the game, translated to latent codes through the LAM's learned mapping: for each true
 action, the latent code the LAM most often inferred for it on the validation split. Writes
 `play.gif`, `play.mp4` and `play.json` (actions used, frames/s) into the run dir.
+
+`play.ui` picks the front-end: headless (the default; `play.interactive=true` means terminal),
+terminal, or web (`worldmodel.play.web`: a local page on `play.host:play.port`, serving the world
+file and the other world files of its folder; prompts and keys come from the world itself).
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from worldmodel.eval.world import pixel_val, token_val, true_action_mapping
 from worldmodel.media import save_gif, save_mp4
+from worldmodel.play.keys import PROCGEN_MOVES
 from worldmodel.play.terminal import MOVE_KEYS, KeyReader, help_line, run_interactive
 from worldmodel.play.typed import play_typed
+from worldmodel.play.web import serve
 from worldmodel.runtime import resolve_device, set_threads
 from worldmodel.world import World
 
@@ -37,7 +44,10 @@ DEFAULTS: dict[str, Any] = {
     "action_space": "latent",  # latent (the model's action ids) | true (game actions, mapped)
     "prompt_index": 0,  # validation frame used as the prompt
     "prompt_image": None,  # or an image file as the prompt
-    "interactive": False,  # keyboard play in the terminal
+    "interactive": False,  # keyboard play in the terminal (= ui terminal)
+    "ui": "headless",  # headless | terminal | web (a local page in the browser)
+    "host": "127.0.0.1",  # web: the address to listen on (this machine only by default)
+    "port": 8765,  # web: the port (0 = any free one; the URL is printed)
     "steps": 4,  # MaskGIT decoding steps per frame (fewer = faster)
     "temperature": 1.0,  # sampling temperature (0 = greedy)
     "seed": None,  # sampling seed; null = the run's seed
@@ -47,8 +57,9 @@ DEFAULTS: dict[str, Any] = {
     "keys": None,  # movement -> true action id; null = procgen's buttons on procgen data
     "threads": None,  # torch threads; null = trainer.threads
 }
-# procgen's 15 actions are button combinations; these are the plain movements (env.get_combos)
-PROCGEN_MOVES = {"left": 1, "down": 3, "noop": 4, "up": 5, "right": 7}
+
+
+UIS = ("headless", "terminal", "web")
 
 
 def play_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -69,6 +80,14 @@ def play_settings(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"play.action_space={space!r}: expected latent or true")
     if settings["precision"] not in ("bf16", "fp32"):
         raise ValueError(f"play.precision={settings['precision']!r}: expected bf16 or fp32")
+    if settings["ui"] == "headless" and settings["interactive"]:
+        settings["ui"] = "terminal"
+    if settings["ui"] not in UIS:
+        raise ValueError(f"play.ui={settings['ui']!r}: expected one of {', '.join(UIS)}")
+    settings["interactive"] = settings["ui"] == "terminal"
+    port = settings["port"]
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port < 65536:
+        raise ValueError(f"play.port={port!r}: expected a port number 0..65535 (0 = any free)")
     if settings["seed"] is None:
         settings["seed"] = int(cfg.get("seed", 0))
     return settings
@@ -169,6 +188,9 @@ def play(cfg: DictConfig) -> dict[str, Any]:
     settings = play_settings(cfg)
     set_threads(settings["threads"] or cfg.trainer.get("threads"))
     device = resolve_device(cfg.trainer.get("accelerator", "cpu"))
+    if settings["ui"] == "web":  # serves until interrupted; the page picks prompts and keys
+        serve(cfg.checkpoint, settings, device)
+        return {"checkpoint": str(Path(cfg.checkpoint).resolve()), "ui": "web"}
     world = World.load(cfg.checkpoint, device, settings["precision"])
     world.configure(int(settings["steps"]), float(settings["temperature"]), int(settings["seed"]))
     run_dir = Path(cfg.run_dir)
