@@ -10,7 +10,7 @@ PY := .venv/bin/python
 EXP ?= demo
 ARGS ?=
 
-.PHONY: setup demo test test-fast gpu-check lint format bench sweep clean
+.PHONY: setup demo play test test-fast gpu-check lint format bench sweep clean
 
 setup:
 	@set -euo pipefail; \
@@ -28,6 +28,12 @@ setup:
 
 demo: setup
 	$(PY) run.py experiment=$(EXP) $(ARGS)
+
+# The shipped demo world in the browser: prints the page's URL (http://127.0.0.1:8765/).
+# 2 MaskGIT steps per frame keep the page at >= 15 frames/s on 2 busy cores (README, Play).
+play: setup
+	$(PY) run.py task=play play.ui=web play.steps=2 logger=none \
+	  checkpoint=experiments/demo/world.safetensors $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)

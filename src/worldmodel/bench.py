@@ -26,6 +26,7 @@ import torch
 
 from worldmodel.build import build_model
 from worldmodel.config import instantiate
+from worldmodel.play.browser import measure
 from worldmodel.runtime import choose_threads
 from worldmodel.world import World
 
@@ -268,6 +269,29 @@ def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     }
 
 
+# MaskGIT steps the page is measured at: `make play`'s (the first: its headline figure), then more
+WEB_STEPS = [2, 4, 1]
+
+
+def case_play_web(overrides: list[str], warmup: int, iters: int) -> dict:
+    """The play page with the shipped demo world in headless Chromium (`make play`'s server):
+    frames/s from key press to frame drawn as the page measures it, median over 20 presses (or
+    `iters`) after 2 warm-up presses, at each of `WEB_STEPS`. Needs Debian's chromium."""
+    world = CONF.parent / "experiments" / "demo" / "world.safetensors"
+    presses = max(20, iters)
+    result = measure(world, WEB_STEPS, presses, overrides)
+    by_steps = result["by_steps"]
+    headline = by_steps[str(WEB_STEPS[0])]
+    return {
+        "frames_per_s": headline["frames_per_s"],
+        "ms": headline["ms"],
+        "maskgit_steps": WEB_STEPS[0],
+        **{f"frames_per_s_steps{k}": v["frames_per_s"] for k, v in by_steps.items()},
+        "presses": presses,
+        "measured": "keydown -> frame drawn, in the page",
+    }
+
+
 # phenaki-pytorch's published CPU case: CViViT dim 256, 8x8 patches, temporal patch 2, 4 + 4
 # spatial / temporal layers (heads 4 x 64), LFQ with 1024 codes, on (2, 3, 17, 64, 64); its
 # MaskGit d=256 x 4 over 9 latent frames of 8x8 tokens (576 tokens).
@@ -409,6 +433,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
     "play_demo": case_play,
+    "play_web": case_play_web,
     "contention": case_contention,
     "cvivit_train_fp32": lambda o, w, i: case_cvivit("train_fp32", o, w, i),
     "cvivit_train_bf16": lambda o, w, i: case_cvivit("train_bf16", o, w, i),

@@ -206,6 +206,5 @@ def serve(source: str | Path, settings: dict[str, Any], device: Any = "cpu") -> 
     library = WorldLibrary(source, device, settings["precision"])
     library.get(library.default)  # fail here, not in the page, when the world cannot load
     server, sock, url = make_server(library, settings, settings["host"], settings["port"])
-    log.info("play: %s on %s", library.default, url)
     print(f"play: open {url} in a browser ({library.default}; Ctrl-C stops)", flush=True)
     server.run(sockets=[sock])

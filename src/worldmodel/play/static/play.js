@@ -266,13 +266,21 @@ function upload(file) {
   });
 }
 
+// after a control changes, the keys go back to the game
 $("world-choice").onchange = (event) => {
   setStatus(`loading ${event.target.value}…`);
   send({ type: "world", name: event.target.value });
+  event.target.blur();
 };
-$("steps").onchange = (event) => send({ type: "configure", steps: Number(event.target.value) });
+$("steps").onchange = (event) => {
+  send({ type: "configure", steps: Number(event.target.value) });
+  event.target.blur();
+};
 $("temperature").oninput = (event) => { $("temperature-value").textContent = Number(event.target.value).toFixed(1); };
-$("temperature").onchange = (event) => send({ type: "configure", temperature: Number(event.target.value) });
+$("temperature").onchange = (event) => {
+  send({ type: "configure", temperature: Number(event.target.value) });
+  event.target.blur();
+};
 $("reset").onclick = () => reset();
 $("file").onchange = (event) => { upload(event.target.files[0]); event.target.value = ""; };
 const drop = $("drop");
