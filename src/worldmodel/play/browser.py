@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -55,7 +55,7 @@ def find_chromium() -> str:
 
 @contextmanager
 def web_server(
-    world: str | Path, overrides: list[str] = (), timeout: float = 60.0
+    world: str | Path, overrides: Sequence[str] = (), timeout: float = 60.0
 ) -> Iterator[str]:
     """`run.py task=play play.ui=web` on a free port, as `make play` runs it; yields its URL."""
     with tempfile.TemporaryDirectory() as run_dir:
@@ -126,7 +126,7 @@ def measure(
     world: str | Path,
     steps: list[int],
     presses: int = 20,
-    overrides: list[str] = (),
+    overrides: Sequence[str] = (),
     screenshot: str | Path | None = None,
     prompt: int = 0,
     shot_presses: int = 6,

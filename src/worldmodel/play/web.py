@@ -68,7 +68,9 @@ def parse_command(text: str | None) -> dict[str, Any]:
     return command
 
 
-async def _send_frame(ws: WebSocket, session: PlaySession, frame: np.ndarray, seq: int, ms=0.0):
+async def _send_frame(
+    ws: WebSocket, session: PlaySession, frame: np.ndarray, seq: int, ms: float = 0.0
+) -> None:
     await ws.send_bytes(pack_frame(frame, seq, session.frame_index, ms))
 
 
