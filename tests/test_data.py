@@ -141,6 +141,40 @@ def test_procgen_records_a_test_split_of_its_own_levels_with_many_envs(tmp_path)
         ProcgenSource(root=str(tmp_path), test_frames=10, test_level_start=100050)
 
 
+def test_procgen_policy_over_an_action_set_with_frame_skip(tmp_path):
+    kwargs = dict(root=str(tmp_path), num_envs=1, val_frames=16, clip_length=4)
+    plain = ProcgenSource(**kwargs, train_frames=240)
+    moves = ProcgenSource(**kwargs, train_frames=300, action_set=[1, 2, 7], frame_skip=4)
+    # earlier recordings keep their cache key; the new settings make a new one
+    assert "frame_skip" not in plain.recording_params()
+    assert "action_set" not in plain.recording_params()
+    assert moves.cache_dir != plain.cache_dir
+    moves.prepare()
+    actions = np.load(moves.cache_dir / "train_actions.npy")
+    assert set(np.unique(actions)) == {1, 2, 7}  # only the moves asked for
+    episodes = read_manifest(moves.cache_dir)["splits"]["train"]["episodes"]
+    assert sum(e["length"] for e in episodes) == 300 and len(episodes) >= 2
+    assert all(e["level_seed"] >= 0 for e in episodes)
+
+    # always right: the frame skip recording is every 4th frame of the plain one (same levels)
+    right = dict(action_set=[7], max_action_repeat=1)
+    every = ProcgenSource(**kwargs, train_frames=240, **right)
+    skip = ProcgenSource(**kwargs, train_frames=60, frame_skip=4, **right)
+    every.prepare(), skip.prepare()
+    first = read_manifest(every.cache_dir)["splits"]["train"]["episodes"][0]["length"]
+    shown = min(first // 4, 60)
+    assert shown >= 5
+    frames = np.load(every.cache_dir / "train_frames.npy")
+    skipped = np.load(skip.cache_dir / "train_frames.npy")
+    np.testing.assert_array_equal(skipped[:shown], frames[: 4 * shown : 4])
+    assert not np.array_equal(skipped[1:shown], frames[1:shown])
+
+    with pytest.raises(ValueError, match=r"action_set \[3, 15\].*outside: \[15\]"):
+        ProcgenSource(**kwargs, action_set=[3, 15])
+    with pytest.raises(ValueError, match="frame_skip must be >= 1"):
+        ProcgenSource(**kwargs, frame_skip=0)
+
+
 def test_procgen_rejects_bad_names_and_overlapping_levels(tmp_path):
     with pytest.raises(ValueError, match="coinrun.*starpilot"):
         ProcgenSource(root=str(tmp_path), env_name="coinrunn")

@@ -171,6 +171,31 @@ def test_latent_world_commands_go_through_the_true_to_code_mapping(world, tmp_pa
     assert set(control.draw((100,), gen).tolist()) == {0, 3}
 
 
+def test_commands_are_drawn_from_the_actions_the_data_recorded(world, tmp_path):
+    cfg = world.config(world.dynamics_true, *SMALL, run_dir=tmp_path)
+    parts = World.load(cfg.checkpoint)
+    pixels = W.pixel_val(cfg.data)
+    train = instantiate(cfg.data).datasets()[0]
+    recorded = set(np.unique(np.load(train.actions_path)).tolist())
+    # the world takes all 15 buttons; commands only those the recording policy pressed
+    control = W._control_setup(parts, cfg, pixels, None)
+    table = control.table.cpu().tolist()
+    assert {a for a, c in enumerate(table) if c >= 0} == recorded
+    assert all(table[a] == a for a in recorded)
+    gen = torch.Generator().manual_seed(0)
+    assert set(control.draw((2000,), gen).tolist()) == recorded
+    # a mapping that names an action the data never holds leaves it out
+    never = next(a for a in range(15) if a not in recorded) if len(recorded) < 15 else None
+    if never is not None:
+        parts.action_source = "latent"
+        parts.true_to_model_actions = {never: 0, min(recorded): 1, max(recorded): 2}
+        control = W._control_setup(parts, cfg, pixels, None)
+        assert {a for a, c in enumerate(control.table.tolist()) if c >= 0} == {
+            min(recorded),
+            max(recorded),
+        }
+
+
 def test_clip_episodes_maps_clip_starts_to_their_episode() -> None:
     clips = SimpleNamespace(
         episodes=[{"offset": 50, "length": 30}, {"offset": 0, "length": 50}],  # any order

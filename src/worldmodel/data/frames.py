@@ -94,13 +94,31 @@ class HeldRandomPolicy:
     """Uniform random actions, each held for a random 1..`max_repeat` steps, for `num` agents.
 
     Holding actions makes the agent travel (a fresh action every step mostly jitters in place),
-    so recorded clips show motion that depends on the action.
+    so recorded clips show motion that depends on the action. `choices` restricts the draw to
+    some action ids (e.g. a game's distinct moves, leaving out buttons that do the same).
     """
 
-    def __init__(self, num_actions: int, num: int, max_repeat: int, seed: int):
+    def __init__(
+        self,
+        num_actions: int,
+        num: int,
+        max_repeat: int,
+        seed: int,
+        choices: list[int] | None = None,
+    ):
         if max_repeat < 1:
             raise ValueError(f"max_action_repeat must be >= 1, got {max_repeat}")
+        if choices is not None:
+            bad = [a for a in choices if not 0 <= int(a) < num_actions]
+            if not choices or bad:
+                raise ValueError(
+                    f"action_set {list(choices)}: needs one or more action ids in "
+                    f"[0, {num_actions})" + (f"; outside: {bad}" if bad else "")
+                )
         self.num_actions = num_actions
+        self.choices = np.asarray(
+            sorted({int(a) for a in choices}) if choices is not None else range(num_actions)
+        )
         self.max_repeat = max_repeat
         self.rng = np.random.default_rng(seed)
         self.actions = np.zeros(num, dtype=np.int64)
@@ -110,7 +128,7 @@ class HeldRandomPolicy:
         new = self.left <= 0
         n = int(new.sum())
         if n:
-            self.actions[new] = self.rng.integers(0, self.num_actions, size=n)
+            self.actions[new] = self.choices[self.rng.integers(0, len(self.choices), size=n)]
             self.left[new] = self.rng.integers(1, self.max_repeat + 1, size=n)
         self.left -= 1
         return self.actions.copy()

@@ -36,6 +36,8 @@ PROCGEN_GAMES = (
     "starpilot",
 )
 PROCGEN_NUM_ACTIONS = 15  # every game shares procgen's 15-button action set
+# procgen's buttons (env.get_combos()) with a distinct effect in CoinRun, by name
+COINRUN_MOVES = {"left": 1, "left+jump": 2, "noop": 4, "jump": 5, "right": 7, "right+jump": 8}
 
 
 class ProcgenSource(Source):
@@ -53,6 +55,12 @@ class ProcgenSource(Source):
             many at once give many short episodes from many levels.
         distribution_mode: procgen's "easy" | "hard" | "extreme" | "memory" | "exploration".
         max_action_repeat: each random action is held for 1..max_action_repeat steps.
+        action_set: the action ids the random policy draws from (null = all 15). CoinRun's
+            buttons have 6 distinct effects: [1, 2, 4, 5, 7, 8] = left, left+jump, nothing,
+            jump, right, right+jump (`COINRUN_MOVES`); the others repeat these.
+        frame_skip: env steps per recorded step; the policy's action is held through them and
+            the frame before each group is recorded (Atari's frame skip: the recorded motion per
+            action is frame_skip times larger, and each action shows within its own step).
         seed: seeds the policy and procgen (val uses seed + 1).
         env_kwargs: further keyword arguments of `ProcgenGym3Env` (e.g. use_backgrounds).
     """
@@ -81,6 +89,8 @@ class ProcgenSource(Source):
         eval_num_envs: int | None = None,
         distribution_mode: str = "hard",
         max_action_repeat: int = 4,
+        action_set: list[int] | None = None,
+        frame_skip: int = 1,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
         name: str | None = None,
@@ -113,6 +123,12 @@ class ProcgenSource(Source):
         self.eval_num_envs = int(eval_num_envs) if eval_num_envs else None
         self.distribution_mode = distribution_mode
         self.max_action_repeat = int(max_action_repeat)
+        if int(frame_skip) < 1:
+            raise ValueError(f"frame_skip must be >= 1, got {frame_skip}")
+        self.frame_skip = int(frame_skip)
+        self.action_set = [int(a) for a in action_set] if action_set is not None else None
+        if self.action_set is not None:  # checked now, not after minutes of recording
+            HeldRandomPolicy(PROCGEN_NUM_ACTIONS, 1, self.max_action_repeat, 0, self.action_set)
         self.seed = int(seed)
         self.env_kwargs = dict(env_kwargs or {})
 
@@ -135,8 +151,13 @@ class ProcgenSource(Source):
             "seed": self.seed,
             "env_kwargs": self.env_kwargs,
         }
-        if self.eval_num_envs:  # only when set: earlier recordings keep their cache key
+        # each only when set: earlier recordings keep their cache key
+        if self.eval_num_envs:
             params["eval_num_envs"] = self.eval_num_envs
+        if self.action_set is not None:
+            params["action_set"] = self.action_set
+        if self.frame_skip > 1:
+            params["frame_skip"] = self.frame_skip
         return params
 
     def record(self, writer: CacheWriter) -> dict[str, Any]:
@@ -160,7 +181,9 @@ class ProcgenSource(Source):
             **self.env_kwargs,
         )
         num_actions = int(env.ac_space.eltype.n)
-        policy = HeldRandomPolicy(num_actions, num_envs, self.max_action_repeat, seed)
+        policy = HeldRandomPolicy(
+            num_actions, num_envs, self.max_action_repeat, seed, self.action_set
+        )
         budget = self.frames[split]
         frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         actions: list[list[int]] = [[] for _ in range(num_envs)]
@@ -175,9 +198,12 @@ class ProcgenSource(Source):
             frames[env_id].clear()
             actions[env_id].clear()
 
+        # envs whose episode ended inside the last frame-skip group (procgen restarts them at once)
+        restarted = np.zeros(num_envs, dtype=bool)
         with self.progress(budget, f"{self.env_name} {split}") as bar:
             while True:
                 _, obs, first = env.observe()
+                first = first | restarted
                 if first.any():
                     info = env.get_info()
                     for env_id in np.flatnonzero(first):
@@ -193,6 +219,10 @@ class ProcgenSource(Source):
                     frames[env_id].append(obs["rgb"][env_id].copy())
                     actions[env_id].append(int(act[env_id]))
                 env.act(act.astype(np.int32))
+                restarted[:] = False
+                for _ in range(self.frame_skip - 1):  # the action held, frames not recorded
+                    restarted |= env.observe()[2]
+                    env.act(act.astype(np.int32))
                 bar.update(min(room, num_envs))
             # the episodes still running are kept, truncated, in env order
             for env_id in range(num_envs):

@@ -558,12 +558,19 @@ def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> C
         for action, code in mapping.items():
             if 0 <= int(action) < num_true and 0 <= int(code) < world.num_actions:
                 table[int(action)] = int(code)
+    train = instantiate(cfg.data).datasets()[0]
+    recorded = np.unique(np.load(train.actions_path, mmap_mode="r"))
+    recorded = recorded[(recorded >= 0) & (recorded < num_true)]
+    if not len(recorded):
+        log.warning("control accuracy not reported: the train split has no known action")
+        return None
+    # commands are drawn from the actions the recording policy took (a policy restricted to a
+    # game's distinct moves, `data.action_set`, leaves the others out): the IDM never saw the rest
+    seen = torch.zeros(num_true, dtype=torch.bool)
+    seen[torch.from_numpy(recorded)] = True
+    table[~seen] = -1
     if int((table >= 0).sum()) < 2:
         log.warning("control accuracy not reported: fewer than 2 true actions map to the model's")
-        return None
-    train = instantiate(cfg.data).datasets()[0]
-    if not (np.load(train.actions_path, mmap_mode="r") >= 0).any():
-        log.warning("control accuracy not reported: the train split has no known action")
         return None
     idm = cached_idm(
         train,
