@@ -73,6 +73,12 @@ def test_genie_pipeline_end_to_end(tmp_path):
     run_py("experiment=smoke_genie", f"hydra.run.dir={tmp_path}", "logger=none")
     stages = json.loads((tmp_path / "stages.json").read_text())
     assert list(stages) == ["tokenizer", "lam", "dynamics"]
+    # wall time and memory of each stage
+    resources = json.loads((tmp_path / "resources.json").read_text())
+    assert list(resources) == list(stages)
+    peaks = [r["peak_rss_gb"] for r in resources.values()]
+    assert peaks == sorted(peaks) and 0 < peaks[0] < 24  # the process's peak so far
+    assert all(r["seconds"] > 0 and 0 < r["rss_gb"] <= r["peak_rss_gb"] for r in resources.values())
     results = {name: json.loads((tmp_path / name / "eval.json").read_text()) for name in stages}
     assert {r["schema"] for r in results.values()} == {1}
     assert "action_nmi" in results["lam"]["metrics"]

@@ -7,9 +7,13 @@ tensors it covers (never a hard-coded "cpu").
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import os
+import resource
+import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from typing import Any
 
 import torch
@@ -93,3 +97,28 @@ def set_threads(requested: int | None = None, processes: int = 1) -> int:
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n
+
+
+def release_memory() -> None:
+    """Hand memory that Python and torch have freed back to the OS: a garbage collection, then
+    glibc's `malloc_trim` (without it, buffers freed by one stage stay in the process for the
+    next; a no-op where the C library is another)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        with suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def memory_gb() -> dict[str, float]:
+    """This process's resident memory now and its peak so far, in GB (peak only off Linux)."""
+    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak_kb / 1024**3 if sys.platform == "darwin" else peak_kb / 1024**2  # bytes on macOS
+    out = {"peak_rss_gb": round(peak, 3)}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    out["rss_gb"] = round(int(line.split()[1]) / 1024**2, 3)
+    except OSError:
+        pass
+    return out

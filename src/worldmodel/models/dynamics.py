@@ -39,6 +39,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from worldmodel.models.interfaces import WorldModel
+from worldmodel.models.masking import masked_ce
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
 from worldmodel.models.st_transformer import KVCache, STTransformer, init_weights
 
@@ -256,18 +257,13 @@ class DynamicsModel(nn.Module, WorldModel):
             masked[:, -1, 0] = real[:, -1]
         inputs = x.masked_fill(masked, self.mask_id)
         hidden = self.forward(inputs, cond)  # (B, T, N, D)
-        logits = self.head(hidden[masked]).float()  # (M, V): masked positions only
-        target = x[masked]
-        if target.numel() == 0:  # nothing to predict (all padding): a zero loss, not NaN
+        if not bool(masked.any()):  # nothing to predict (all padding): a zero loss, not NaN
             zero = hidden.sum() * 0.0
             return zero, {k: zero.detach() for k in ("ce", "masked_acc", "mask_rate")}
-        ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
-        with torch.no_grad():
-            acc = (logits.argmax(-1) == target).float().mean()
-            plain_ce = ce if self.label_smoothing == 0 else F.cross_entropy(logits, target)
+        # the head on the masked positions, padded to a few fixed sizes (see models/masking.py)
+        ce, metrics = masked_ce(self.head, hidden, x, masked, self.label_smoothing)
         metrics = {
-            "ce": plain_ce.detach(),
-            "masked_acc": acc.detach(),
+            **metrics,
             "mask_rate": masked.float().sum()
             / (real[:, self.context_frames :].sum() * self.num_tokens).clamp_min(1),
         }

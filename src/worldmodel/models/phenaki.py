@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from worldmodel.data.captions import captions_from_actions
 from worldmodel.models.dynamics import SCHEDULES, masked_counts
 from worldmodel.models.interfaces import TokenModel, WorldModel
+from worldmodel.models.masking import masked_ce
 from worldmodel.models.sampling import gumbel_noise
 from worldmodel.models.st_transformer import (
     Attention,
@@ -469,16 +470,9 @@ class PhenakiModel(nn.Module, WorldModel):
                 masked[0, 0, 0] = True
         time_mask = prime_time_mask(torch.where(primed, k, 0), t)  # prime frames read primes
         hidden = self.forward(x.masked_fill(masked, self.mask_id), features, mask, real, time_mask)
-        logits = self.head(hidden[masked]).float()  # (M, V): the head runs on masked positions
-        target = x[masked]
-        ce = F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
-        with torch.no_grad():
-            plain = ce if self.label_smoothing == 0 else F.cross_entropy(logits, target)
-            metrics = {
-                "ce": plain.detach(),
-                "masked_acc": (logits.argmax(-1) == target).float().mean(),
-                "mask_rate": masked.float().sum() / (real.sum() * self.num_tokens),
-            }
+        # the head on the masked positions, padded to a few fixed sizes (see models/masking.py)
+        ce, metrics = masked_ce(self.head, hidden, x, masked, self.label_smoothing)
+        metrics["mask_rate"] = masked.float().sum() / (real.sum() * self.num_tokens)
         return ce, metrics
 
     # ------------------------------------------------------------------ sampling

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from worldmodel.config import ConfigError, causal_problems, validate
 from worldmodel.eval.world import pixel_val
 from worldmodel.play import play
 from worldmodel.play.task import true_to_model_actions
+from worldmodel.runtime import memory_gb, release_memory
 from worldmodel.tasks.train import train_task
 from worldmodel.world import World
 
@@ -145,13 +147,20 @@ def run_stages(cfg: DictConfig) -> dict[str, str]:
     run_dir = Path(cfg.run_dir)
     stages = compose_stages(cfg)
     done: dict[str, str] = {}
+    resources: dict[str, dict[str, float]] = {}
     for stage in stages:
         log.info("%s: %s", stage.label, " ".join(stage.overrides))
+        start = time.perf_counter()
         if (Path(stage.cfg.run_dir) / "eval.json").exists() and stage.checkpoint.exists():
             log.info("%s already done in %s", stage.label, stage.cfg.run_dir)
         else:
             train_task(stage.cfg)
         done[stage.name] = str(stage.checkpoint)
+        release_memory()  # what this stage freed goes back to the OS, not to the next stage
+        resources[stage.name] = {"seconds": round(time.perf_counter() - start, 1), **memory_gb()}
+        log.info("%s: %s", stage.label, resources[stage.name])
+        # wall time and memory per stage; peak_rss_gb is the process's peak up to the stage's end
+        (run_dir / "resources.json").write_text(json.dumps(resources, indent=2))
     (run_dir / "stages.json").write_text(json.dumps(done, indent=2))
     world_file = export_world(stages[-1], run_dir) if stages else None
     if cfg.play.get("actions") and done:
