@@ -102,6 +102,15 @@ def test_task_eval_takes_a_world_file(world, tmp_path) -> None:
     assert np.isfinite(result["metrics"]["delta_psnr"])
 
 
+def test_a_run_folder_with_a_world_file_loads_it_with_its_key_mapping(world, tmp_path) -> None:
+    parts = World.load(world.dynamics_true)
+    parts.true_to_model_actions = {1: 0, 7: 1}
+    run = tmp_path / "run"
+    run.mkdir()
+    parts.export(run / "world.safetensors")
+    assert World.load(run).true_to_model_actions == {1: 0, 7: 1}
+
+
 def test_the_export_command_writes_a_world(world, tmp_path) -> None:
     out = tmp_path / "cli.safetensors"
     done = subprocess.run(

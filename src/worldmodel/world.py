@@ -161,6 +161,10 @@ def to_uint8_frame(video: Tensor) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 
 
+# the world file a pipeline run writes into its folder (`World.load` of the folder reads it)
+WORLD_FILE = "world.safetensors"
+
+
 @dataclass
 class PlayState:
     """The context of a world being played: tokens and actions so far, the KV cache, the RNG."""
@@ -238,6 +242,9 @@ class World:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such world file, run folder or checkpoint")
         if path.is_dir():
+            exported = path / WORLD_FILE  # a pipeline's world, with its learned key mapping
+            if exported.is_file():
+                return cls.from_export(exported, device, precision)
             return cls.from_checkpoint(world_checkpoint(path), device, precision)
         if path.suffix == ".safetensors":
             return cls.from_export(path, device, precision)

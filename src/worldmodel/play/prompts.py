@@ -4,11 +4,12 @@
         experiments/demo/prompts.npz --count 32
 
 reads the world's own data config (the one its world model was trained with), takes the `test`
-split (recorded into the data cache on first use by the project's data code), and keeps the first
-frame of `count` episodes spread evenly over the split, so every prompt is the start of another
-level no recipe was tuned on. The file holds `frames` (N, H, W, 3) uint8 and `level_seeds` (N,)
-int64 (-1 where the source records none). The web page offers these as start frames
-(`prompts.npz` next to a world file; see `prompts_beside`).
+split (recorded into the data cache on first use by the project's data code), and keeps frame
+`offset` (or the last, in a shorter episode) of `count` episodes spread evenly over the split, so
+every prompt is early in another level no recipe was tuned on (not the very first frame: CoinRun
+draws it before the camera has settled on the character). The file holds `frames` (N, H, W, 3)
+uint8 and `level_seeds` (N,) int64 (-1 where the source records none). The web page offers these
+as start frames (`prompts.npz` next to a world file; see `prompts_beside`).
 """
 
 from __future__ import annotations
@@ -50,12 +51,14 @@ def load_prompts(path: str | Path) -> np.ndarray:
 
 
 def make_prompts(
-    world: World, count: int, split: str = "test", root: str | None = None
+    world: World, count: int, split: str = "test", root: str | None = None, offset: int = 4
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The first frame of `count` episodes of the world's data split, spread evenly over it:
+    """Frame `offset` of `count` episodes of the world's data split, spread evenly over it:
     frames (N, H, W, 3) uint8 at the world's frame size and their level seeds (N,)."""
     if not 1 <= count <= MAX_PROMPTS:
         raise ValueError(f"count={count}: expected 1..{MAX_PROMPTS}")
+    if offset < 0:
+        raise ValueError(f"offset={offset}: expected >= 0")
     data_cfg = world.config.get("data")
     if data_cfg is None:
         raise ValueError("the world stores no data config: prompts cannot be drawn from its data")
@@ -66,7 +69,9 @@ def make_prompts(
     frames = np.load(clips.frames_path, mmap_mode="r")  # (N, H, W, C) uint8
     episodes = clips.episodes
     picked = np.unique(np.linspace(0, len(episodes) - 1, min(count, len(episodes))).astype(int))
-    starts = [int(episodes[i]["offset"]) for i in picked]
+    starts = [
+        int(episodes[i]["offset"]) + min(offset, int(episodes[i]["length"]) - 1) for i in picked
+    ]
     seeds = np.array([int(episodes[i].get("level_seed", -1)) for i in picked], dtype=np.int64)
     out = np.stack([world.prompt_frame(np.asarray(frames[s])) for s in starts])  # (N, H, W, 3)
     return out, seeds
@@ -92,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--count", type=int, default=32, help="episodes to take a frame from")
     parser.add_argument("--split", default="test", help="data split (test: reporting levels)")
     parser.add_argument("--root", default=None, help="data cache folder (default: the stored)")
+    parser.add_argument("--offset", type=int, default=4, help="frame of each episode to take")
     args = parser.parse_args(argv)
     world = World.load(args.world)
-    frames, seeds = make_prompts(world, args.count, args.split, args.root)
+    frames, seeds = make_prompts(world, args.count, args.split, args.root, args.offset)
     out = save_prompts(args.out, frames, seeds)
     print(f"wrote {out} ({out.stat().st_size / 1024:.0f} KB): {len(frames)} {args.split} frames")
 

@@ -34,7 +34,7 @@ from worldmodel.play import play
 from worldmodel.play.task import true_to_model_actions
 from worldmodel.runtime import memory_gb, release_memory
 from worldmodel.tasks.train import train_task
-from worldmodel.world import World
+from worldmodel.world import WORLD_FILE, World
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def export_world(last: Stage, run_dir: Path) -> Path | None:
         return None
     world = World.from_checkpoint(checkpoint)
     world.true_to_model_actions = true_to_model_actions(world, pixel_val(last.cfg.data))
-    return world.export(run_dir / "world.safetensors", recipe=str(last.cfg.get("name", "")))
+    return world.export(run_dir / WORLD_FILE, recipe=str(last.cfg.get("name", "")))
 
 
 def check_task(cfg: DictConfig) -> None:
