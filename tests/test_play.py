@@ -18,11 +18,13 @@ import av
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from test_world_eval import DATA, build_world
 
 from worldmodel.eval.world import pixel_val, token_val
 from worldmodel.play import play, render_ansi, run_interactive
+from worldmodel.play.task import play_threads
 from worldmodel.play.terminal import KeyReader, parse_keys
 from worldmodel.world import World
 
@@ -252,3 +254,12 @@ def test_play_maps_true_actions_through_the_lams_codes(world, tmp_path):
     cfg = world.config(world.dynamics_latent, "++play.actions=[4]", run_dir=tmp_path / "bad")
     with pytest.raises(ValueError, match=r"action 4 is outside \[0, 4\)"):
         play(cfg)
+
+
+def test_play_threads_default_to_one_for_the_web_page() -> None:
+    cfg = OmegaConf.create({"trainer": {"threads": None}})
+    assert play_threads({"threads": None, "ui": "web"}, cfg) == 1
+    assert play_threads({"threads": None, "ui": "headless"}, cfg) is None  # chosen per machine
+    assert play_threads({"threads": 2, "ui": "web"}, cfg) == 2  # asked for: kept
+    cfg.trainer.threads = 2
+    assert play_threads({"threads": None, "ui": "web"}, cfg) == 2

@@ -182,11 +182,19 @@ def save_frames(frames: list[np.ndarray], run_dir: Path, fps: float, scale: int)
     }
 
 
+def play_threads(settings: dict[str, Any], cfg: DictConfig) -> int | None:
+    """Torch threads for play: `play.threads`, else `trainer.threads`, else 1 for the web page
+    (its steps run in worker threads, where a 2-thread OpenMP team competes with the main
+    thread's idle one: on 2 cores 51 ms a step at 2 threads, 35 ms at 1), else None (chosen)."""
+    requested = settings["threads"] or cfg.trainer.get("threads")
+    return 1 if settings["ui"] == "web" and not requested else requested
+
+
 def play(cfg: DictConfig) -> dict[str, Any]:
     """Run `task=play` on a world (a world file, a run folder or a checkpoint); returns what it
     writes to play.json."""
     settings = play_settings(cfg)
-    set_threads(settings["threads"] or cfg.trainer.get("threads"))
+    set_threads(play_threads(settings, cfg))
     device = resolve_device(cfg.trainer.get("accelerator", "cpu"))
     if settings["ui"] == "web":  # serves until interrupted; the page picks prompts and keys
         serve(cfg.checkpoint, settings, device)
