@@ -22,6 +22,7 @@ from PIL import Image
 
 from worldmodel.build import load_model
 from worldmodel.config import instantiate
+from worldmodel.eval import lam as EL
 from worldmodel.eval import world as W
 from worldmodel.train.checkpoint import atomic_save
 from worldmodel.world import FrameLayout, World
@@ -194,7 +195,7 @@ def test_evaluate_lam_reports_codes_and_agreement_with_true_actions(world, tmp_p
     torch.manual_seed(0)
     cfg = world.config(world.lam, "eval.batches=2", "eval.batch_size=4", run_dir=tmp_path)
     model, _, _ = load_model(cfg.checkpoint)
-    metrics, media, n = W.evaluate_lam(model, cfg, tmp_path)
+    metrics, media, n = EL.evaluate_lam(model, cfg, tmp_path)
 
     assert n == 8
     for key in (
@@ -232,21 +233,24 @@ def test_alignment_of_codes_with_true_actions(tmp_path):
     true = torch.randint(0, 6, (2000,))
     true[:10] = -1  # unknown actions are left out
     renamed = torch.tensor([3, 0, 4, 1, 5, 2])[true.clamp_min(0)]
-    metrics, path = W._alignment(true, renamed, 6, 6, tmp_path / "confusion.png")
+    metrics, path = EL.action_alignment(true, renamed, 6, 6, tmp_path / "confusion.png")
     assert metrics["action_nmi"] == pytest.approx(1.0) and metrics["action_purity"] == 1.0
     assert metrics["action_nmi_chance"] < 0.05 and metrics["action_purity_chance"] < 0.3
     assert metrics["action_mapping"] == {"0": 3, "1": 0, "2": 4, "3": 1, "4": 5, "5": 2}
     assert metrics["action_pairs"] == 1990 and path.is_file()
     noise = torch.randint(0, 6, (2000,))
-    metrics, _ = W._alignment(true, noise, 6, 6, tmp_path / "noise.png")
+    metrics, _ = EL.action_alignment(true, noise, 6, 6, tmp_path / "noise.png")
     assert metrics["action_nmi"] < 0.05 and metrics["action_purity"] < 0.3
     assert metrics["action_purity"] == pytest.approx(metrics["action_purity_chance"], abs=0.05)
-    collapsed, _ = W._alignment(true, torch.zeros_like(true), 6, 6, tmp_path / "one.png")
+    collapsed, _ = EL.action_alignment(true, torch.zeros_like(true), 6, 6, tmp_path / "one.png")
     assert collapsed["action_nmi"] == pytest.approx(0.0, abs=1e-9)
     assert collapsed["action_nmi_chance"] == pytest.approx(0.0, abs=1e-9)
     assert collapsed["action_purity"] == pytest.approx(collapsed["action_purity_chance"])
     assert collapsed["action_purity"] < 0.3
-    assert W._alignment(torch.full((5,), -1), noise[:5], 6, 6, tmp_path / "none.png") == ({}, None)
+    assert EL.action_alignment(torch.full((5,), -1), noise[:5], 6, 6, tmp_path / "none.png") == (
+        {},
+        None,
+    )
 
 
 def test_evaluate_dynamics_on_latent_actions(world, tmp_path):

@@ -24,8 +24,9 @@ from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.data.dataset import val_subset
 from worldmodel.eval import metrics as M
+from worldmodel.eval.lam import evaluate_lam
 from worldmodel.eval.text_video import evaluate_text_video
-from worldmodel.eval.world import evaluate_dynamics, evaluate_lam
+from worldmodel.eval.world import evaluate_dynamics
 from worldmodel.media import save_gif, save_grid, save_mp4, side_by_side
 from worldmodel.metrics import RunningMeans
 from worldmodel.models.interfaces import LatentActions, Tokenizer, WorldModel

@@ -41,7 +41,7 @@ from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.data.dataset import val_subset
 from worldmodel.data.procgen import PROCGEN_NUM_ACTIONS
-from worldmodel.eval.world import seeded, token_val
+from worldmodel.eval.clips import seeded, token_val
 from worldmodel.media import save_gif, save_mp4, side_by_side
 from worldmodel.metrics import RunningMeans
 from worldmodel.runtime import autocast

@@ -1,10 +1,4 @@
-"""World-model evaluation (`task=eval`): the latent action model and the dynamics model.
-
-`evaluate_lam` scores a latent action model on pixel clips: the next-frame prediction of its
-decoder (teacher-forced: real past frames, the code the encoder inferred for the transition)
-beside copying the previous frame on the frames that change, how much of its tiny codebook it
-uses, and -- where the data has true actions -- how well its codes agree with them (NMI and
-purity, each beside its chance level; the confusion matrix and the true-action -> code mapping).
+"""World-model evaluation (`task=eval` of a dynamics model; the LAM's is in `eval.lam`).
 
 `evaluate_dynamics` scores a world the way Genie does, in pixels through its frozen tokenizer,
 and beside what trivial models get (DESIGN.md, "Evaluation principles"):
@@ -28,39 +22,48 @@ compresses time (C-ViViT, a temporal VQ-VAE) a latent frame covers several pixel
 them, as one clip, and scored against the pixel frames they cover, so rollout curves and ΔtPSNR
 count pixel frames for every tokenizer.
 
-Both return `(metrics, media, num_clips)` for `eval.runner.evaluate`, which writes eval.json.
+It returns `(metrics, media, num_clips)` for `eval.runner.evaluate`, which writes eval.json.
 Sampling uses a fixed `torch.Generator` (seed `cfg.seed`) and the masked-token loss runs under a
 forked, seeded global RNG: the same checkpoint and config give the same numbers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from einops import rearrange
 from omegaconf import DictConfig
-from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm import tqdm
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 from worldmodel.config import instantiate
-from worldmodel.data.dataset import ClipDataset, val_subset
-from worldmodel.data.tokens import token_cache
 from worldmodel.eval import metrics as M
+from worldmodel.eval.clips import (
+    EvalClips,
+    PairedClips,
+    clip_episodes,
+    concat_rows,
+    eval_subset,
+    frame_scores,
+    pixel_val,
+    progress,
+    save_rollout_media,
+    seeded,
+    text_context,
+    to_cpu,
+    token_val,
+    true_action_mapping,
+)
 from worldmodel.eval.control import cached_idm, control_accuracy, control_chance, control_hits
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
-from worldmodel.media import plot_confusion, plot_curve, save_gif, save_grid, save_mp4, side_by_side
+from worldmodel.media import plot_curve, save_grid
 from worldmodel.metrics import RunningMeans
 from worldmodel.models.idm import InverseDynamicsModel
-from worldmodel.models.interfaces import LatentActions
 from worldmodel.runtime import autocast
 from worldmodel.world import FrameLayout, World
 
@@ -68,266 +71,6 @@ log = logging.getLogger(__name__)
 
 # ΔtPSNR is reported at this horizon (Genie's t = 4), or at the largest one if rollouts are shorter.
 DELTA_PSNR_T = 4
-
-
-# ------------------------------------------------------------------------------------------------
-# Shared helpers (also used by `worldmodel.play`)
-# ------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def seeded(seed: int) -> Iterator[None]:
-    """Run a block under a fixed global torch RNG without disturbing the caller's RNG state."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
-def token_val(world: World, pixels: Any) -> Any:
-    """The token clips of `pixels` (a split's pixel clips) for `world`, tokenized once into the
-    data cache with the world's own frozen tokenizer (and LAM) on its device."""
-    return token_cache(
-        pixels,
-        world.cache_key,
-        world.tokenizer,
-        world.lam,
-        world.lam_window,
-        world.dynamics.inputs,
-        world.frames_per_latent,
-    )
-
-
-def pixel_val(data_cfg: DictConfig, split: str = "val") -> Any:
-    """The held-out clips of a data config (recorded into its cache on first use): the
-    validation split, or `split` (e.g. "test", the levels numbers are reported on)."""
-    return instantiate(data_cfg).split(split)
-
-
-def text_context(model: nn.Module, clip_actions: Tensor) -> Any:
-    """The conditioning a text-to-video model (phenaki: `texts_of`) generates with: the caption
-    of the whole clip, rendered from its actions as in training; None for action-conditioned
-    models (they read the action of each frame)."""
-    if not hasattr(model, "texts_of"):
-        return None
-    return model.encode_text(model.texts_of({"actions": clip_actions}))
-
-
-def true_action_mapping(
-    pixels: Any, tokens: Any, num_codes: int
-) -> tuple[Tensor, dict[int, int]] | None:
-    """Confusion (true action x latent code) over a whole split and the true -> code mapping.
-
-    Reads the split's recorded actions and the latent actions the pipeline cached beside them
-    (both per frame, aligned), so it costs no model call. None when the data has no actions.
-    """
-    if pixels.num_actions is None:
-        return None
-    true = torch.from_numpy(np.load(pixels.actions_path))
-    latent = torch.from_numpy(np.load(tokens.actions_path))
-    confusion = M.confusion_matrix(true, latent, int(pixels.num_actions), num_codes)
-    if int(confusion.sum()) == 0:
-        return None
-    return confusion, M.action_mapping(confusion)
-
-
-def clip_episodes(clips: ClipDataset, indices: Sequence[int]) -> np.ndarray:
-    """The episode (index into `clips.episodes`) each clip `indices[i]` of a clip dataset is cut
-    from, (N,) int64: clips of one episode share its level and frames, so their errors are
-    clustered by it."""
-    offsets = np.array([int(e["offset"]) for e in clips.episodes], dtype=np.int64)
-    order = np.argsort(offsets, kind="stable")
-    starts = clips.starts[np.asarray(indices, dtype=np.int64)]
-    # the last episode starting at or before each clip's first frame holds the whole clip
-    position = np.searchsorted(offsets[order], starts, side="right") - 1
-    if (position < 0).any():
-        raise ValueError("a clip starts before the first episode")
-    return order[position].astype(np.int64)
-
-
-class PairedClips(Dataset):
-    """Token clip i and pixel clip i of one split (the same frames): one batch dict with
-    `tokens`, `actions` (those the dynamics model is conditioned on), `mask`, `video` and
-    `true_actions` (the recorded actions of the pixel clip, -1 where unknown)."""
-
-    def __init__(self, tokens: Any, pixels: Any) -> None:
-        if len(tokens) != len(pixels):
-            raise ValueError(f"{len(tokens)} token clips but {len(pixels)} pixel clips")
-        self.tokens, self.pixels = tokens, pixels
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def __getitem__(self, index: int) -> dict[str, Tensor]:
-        pixels = self.pixels[index]
-        return {**self.tokens[index], "video": pixels["video"], "true_actions": pixels["actions"]}
-
-
-class EvalClips(Dataset):
-    """The clips an evaluation scores, `indices` of a `PairedClips` in order, each item with
-    `other_actions`: the conditioning actions of the next scored clip (the last one takes the
-    first's), a real action sequence that belongs to other frames."""
-
-    def __init__(self, clips: PairedClips, indices: Sequence[int]) -> None:
-        if not indices:
-            raise ValueError("no clip to evaluate")
-        self.clips, self.indices = clips, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        other = self.indices[(i + 1) % len(self.indices)]
-        return {**self.clips[self.indices[i]], "other_actions": self.clips.tokens[other]["actions"]}
-
-
-def _subset(dataset: Any, cfg: DictConfig) -> Subset:
-    """The evenly spread validation subset every evaluation scores (eval.batches x batch_size)."""
-    if len(dataset) == 0:
-        raise ValueError(
-            f"the validation split of data={cfg.data.get('name')} has no clips of "
-            f"data.clip_length={cfg.data.clip_length} frames"
-        )
-    return val_subset(dataset, int(cfg.eval.batches) * int(cfg.eval.batch_size))
-
-
-def _bf16(cfg: DictConfig) -> bool:
-    return cfg.trainer.get("precision", "fp32") == "bf16"
-
-
-def _progress(loader: DataLoader, cfg: DictConfig, desc: str) -> Any:
-    return tqdm(loader, desc=desc, disable=not cfg.trainer.get("progress", False))
-
-
-def _frame_scores(means: RunningMeans, pred: Tensor, target: Tensor) -> None:
-    """PSNR and SSIM of predicted frames (B, C, T, H, W) against the real ones."""
-    b = pred.shape[0]
-    means.add("psnr", M.psnr(pred, target), b)
-    means.add("ssim", M.ssim(pred, target), b)
-
-
-def _cpu(errors: dict[str, Tensor]) -> dict[str, Tensor]:
-    return {k: v.cpu() for k, v in errors.items()}
-
-
-def _concat(rows: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """`rollout_errors` of every batch concatenated over clips, each (N, H)."""
-    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
-
-
-def _code_metrics(codes: Tensor, num_codes: int) -> dict[str, Any]:
-    """Usage statistics of latent action codes (`codebook/...`), with the share of each code."""
-    stats = M.codebook_stats(codes, num_codes)
-    out: dict[str, Any] = {f"codebook/{k}": float(v) for k, v in stats.items()}
-    counts = torch.bincount(codes[codes >= 0].long(), minlength=num_codes).double()
-    out["codebook/fraction"] = (counts / counts.sum().clamp_min(1)).tolist()
-    return out
-
-
-def _alignment(
-    true: Tensor, codes: Tensor, num_true: int, num_codes: int, path: Path
-) -> tuple[dict[str, Any], Path | None]:
-    """NMI and purity of paired labels, each beside its chance level (`lam_alignment`), the
-    true-action -> code mapping, and the confusion matrix (rows = true actions, columns = codes)
-    drawn into `path`. Empty without true actions."""
-    known = true >= 0
-    if not bool(known.any()):
-        return {}, None
-    confusion = M.confusion_matrix(true, codes, num_true, num_codes)
-    mapping = M.action_mapping(confusion)
-    aligned = M.lam_alignment(true, codes)
-    metrics = {
-        "action_nmi": aligned["nmi"],
-        "action_nmi_chance": aligned["nmi_chance"],
-        "action_purity": aligned["purity"],
-        "action_purity_chance": aligned["purity_chance"],
-        "action_majority_share": aligned["majority_share"],
-        "action_mapping": {str(a): c for a, c in mapping.items()},
-        "action_confusion": confusion.tolist(),
-        "action_pairs": int(aligned["pairs"]),
-    }
-    plot_confusion(confusion, path, title="latent code per true action")
-    return metrics, path
-
-
-def _save_rollout_media(real: Tensor, fake: Tensor, run_dir: Path, name: str) -> dict[str, Path]:
-    """GIF and MP4 of clips (B, C, T, H, W): real on the left, generated on the right, clips
-    stacked top to bottom."""
-    pairs = side_by_side(real, fake, gap=2)  # (B, C, T, H, 2 W + 2)
-    video = rearrange(pairs, "b c t h w -> c t (b h) w")  # one tall clip
-    return {
-        f"{name}_gif": save_gif(video, run_dir / f"{name}.gif", fps=4, scale=2),
-        f"{name}_mp4": save_mp4(video, run_dir / f"{name}.mp4", fps=4, scale=2),
-    }
-
-
-# ------------------------------------------------------------------------------------------------
-# Latent action model
-# ------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_lam(
-    model: LatentActions, cfg: DictConfig, run_dir: Path
-) -> tuple[dict[str, Any], dict[str, Path], int]:
-    """Next-frame prediction, codebook use and agreement with true actions of a LAM.
-
-    Next frames are teacher-forced: frame t+1 is predicted from the real frames 0..t and the code
-    the encoder inferred for t -> t+1; `random_action_psnr` predicts it with a uniformly random
-    code instead (how much the decoder relies on the action, the LAM's own ΔPSNR).
-    `next_frame_psnr_changing` and `next_frame_copy_psnr_changing` are the PSNR of the pooled MSE
-    of the prediction and of the previous real frame over the frames that change. Scored on the
-    validation clips of `cfg.data`, cut to the model's `max_frames`.
-    """
-    pixels = pixel_val(cfg.data, str(cfg.eval.get("split", "val")))
-    loader = DataLoader(_subset(pixels, cfg), batch_size=int(cfg.eval.batch_size))
-    num_codes = int(model.num_actions)
-    length = min(pixels.clip_length, int(model.max_frames))
-    if length < 2:
-        raise ValueError(f"data.clip_length={pixels.clip_length}: a LAM needs clips of >= 2 frames")
-    bf16 = _bf16(cfg)
-    device = next(model.parameters()).device
-    gen = torch.Generator(device=device).manual_seed(int(cfg.seed))
-    means = RunningMeans()
-    all_codes, all_true, errors = [], [], []
-    shown = None
-    n = 0
-    for batch in _progress(loader, cfg, "eval lam"):
-        video = batch["video"][:, :, :length].to(device)  # (B, C, T, H, W)
-        target = video[:, :, 1:]
-        b = video.shape[0]
-        n += b
-        with autocast(device, bf16):
-            codes = model.infer_actions(video)  # (B, T-1): transition t -> t+1
-            pred = model.predict_frames(video, codes)  # (B, C, T-1, H, W)
-            random = torch.randint(0, num_codes, codes.shape, generator=gen, device=gen.device)
-            pred_random = model.predict_frames(video, random)
-        pred = pred.float().clamp(-1.0, 1.0)
-        _frame_scores(means, pred, target)
-        means.add("random_action_psnr", M.psnr(pred_random.float().clamp(-1.0, 1.0), target), b)
-        errors.append(_cpu(M.rollout_errors(pred, video, context=1)))
-        all_codes.append(codes.flatten().cpu())
-        all_true.append(batch["actions"][:, : length - 1].flatten())  # aligned with the codes
-        if shown is None:
-            samples = int(cfg.eval.get("media_samples", 4))
-            shown = [target[:samples].cpu(), pred[:samples].cpu()]
-
-    codes, true = torch.cat(all_codes), torch.cat(all_true)
-    metrics: dict[str, Any] = means.result()
-    metrics["delta_psnr"] = metrics["psnr"] - metrics["random_action_psnr"]
-    changing = M.rollout_psnr_summary(_concat(errors))
-    metrics["next_frame_psnr_changing"] = changing["model_psnr"]
-    metrics["next_frame_copy_psnr_changing"] = changing["copy_previous_psnr"]
-    metrics["changing_fraction"] = changing["changing_fraction"]
-    metrics.update(_code_metrics(codes, num_codes))
-    media = {"next_frame_grid": save_grid(shown, run_dir / "next_frame.png")}
-    if pixels.num_actions is not None:
-        aligned, path = _alignment(
-            true, codes, int(pixels.num_actions), num_codes, run_dir / "action_confusion.png"
-        )
-        metrics.update(aligned)
-        if path is not None:
-            media["action_confusion"] = path
-    return metrics, media, n
 
 
 # ------------------------------------------------------------------------------------------------
@@ -380,14 +123,14 @@ def _teacher_forced(
         )
     span = layout.span(1, length)
     real = video[:, :, span]  # (B, C, n, H, W): the pixel frames of latent frames 1..L-1
-    _frame_scores(means, pred, real)
+    frame_scores(means, pred, real)
     means.add("token_acc", (generated == tokens[:, 1:]).float().mean(), b)
     if layout.k == 1:
         recon = world.decode_teacher_forced(tokens[:, 1:], video[:, :, : length - 1])
     else:
         recon = world.decode_after(tokens[:, :1], tokens[:, 1:])
     means.add("tokenizer_psnr", M.psnr(recon, real), b)
-    return real, pred, _cpu(M.rollout_errors(pred, video, span.start))
+    return real, pred, to_cpu(M.rollout_errors(pred, video, span.start))
 
 
 def _replace_tail(actions: Tensor, context: int, tail: Tensor) -> Tensor:
@@ -651,7 +394,7 @@ def evaluate_dynamics(
     pixels = pixel_val(cfg.data, str(cfg.eval.get("split", "val")))
     layout = FrameLayout.of(world.tokenizer, pixels.clip_length, latent_frames(world, pixels))
     tokens_val = token_val(world, pixels)
-    indices = list(_subset(pixels, cfg).indices)
+    indices = list(eval_subset(pixels, cfg).indices)
     episodes = clip_episodes(pixels, indices)  # (N,): clips are scored in this order
     loader = DataLoader(
         EvalClips(PairedClips(tokens_val, pixels), indices), batch_size=int(cfg.eval.batch_size)
@@ -672,7 +415,7 @@ def evaluate_dynamics(
     shown: dict[str, tuple[Tensor, Tensor]] = {}
     samples = int(cfg.eval.get("media_samples", 4))
     n = 0
-    for i, batch in enumerate(_progress(loader, cfg, "eval dynamics")):
+    for i, batch in enumerate(progress(loader, cfg, "eval dynamics")):
         batch = {k: v.to(device) for k, v in batch.items()}
         if "latents" in batch:  # a model with its own quantizer over the tokenizer's latents
             batch["tokens"] = model.encode(batch["latents"])  # (B, T, h, w) its codes
@@ -700,8 +443,8 @@ def evaluate_dynamics(
         real = video[:, :, span]  # (B, C, n, H, W)
         for name, generated in (("actions", fake), ("random", fake_random), ("other", fake_other)):
             psnr_rows[name].append(M.psnr(generated, real, reduction="none").cpu())  # (B, n)
-        errors["actions"].append(_cpu(M.rollout_errors(fake, video, span.start)))
-        errors["random"].append(_cpu(M.rollout_errors(fake_random, video, span.start)))
+        errors["actions"].append(to_cpu(M.rollout_errors(fake, video, span.start)))
+        errors["random"].append(to_cpu(M.rollout_errors(fake_random, video, span.start)))
         if control is not None:
             if control.shared:
                 fake_command = fake_random
@@ -739,12 +482,12 @@ def evaluate_dynamics(
     metrics["temperature"] = sampling.temperature
 
     # trivial baselines on the frames that change (pooled MSE), next frame and per horizon
-    next_frame = M.rollout_psnr_summary(_concat(errors["next"]))
-    rollout = M.rollout_psnr_summary(_concat(errors["actions"]))
+    next_frame = M.rollout_psnr_summary(concat_rows(errors["next"]))
+    rollout = M.rollout_psnr_summary(concat_rows(errors["actions"]))
     metrics["next_frame_psnr_changing"] = next_frame["model_psnr"]
     metrics["next_frame_copy_psnr_changing"] = next_frame["copy_previous_psnr"]
     metrics["rollout_psnr_changing"] = rollout["model_psnr_curve"]
-    metrics["rollout_psnr_random_changing"] = M.rollout_psnr_summary(_concat(errors["random"]))[
+    metrics["rollout_psnr_random_changing"] = M.rollout_psnr_summary(concat_rows(errors["random"]))[
         "model_psnr_curve"
     ]
     metrics["copy_psnr_changing"] = rollout["copy_context_psnr_curve"]
@@ -813,6 +556,6 @@ def evaluate_dynamics(
                 "vs another clip's actions": metrics["delta_psnr_vs_other_clip_curve_stderr"],
             },
         ),
-        **_save_rollout_media(*shown["rollout"], run_dir, "rollout"),
+        **save_rollout_media(*shown["rollout"], run_dir, "rollout"),
     }
     return metrics, media, n

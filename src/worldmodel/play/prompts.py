@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from worldmodel.eval.world import pixel_val
+from worldmodel.eval.clips import pixel_val
 from worldmodel.world import World
 
 PROMPTS_FILE = "prompts.npz"

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from worldmodel.eval.world import pixel_val, token_val, true_action_mapping
+from worldmodel.eval.clips import pixel_val, token_val, true_action_mapping
 from worldmodel.media import save_gif, save_mp4
 from worldmodel.play.keys import PROCGEN_MOVES
 from worldmodel.play.terminal import MOVE_KEYS, KeyReader, help_line, run_interactive

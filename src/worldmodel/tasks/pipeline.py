@@ -29,7 +29,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from worldmodel.config import ConfigError, causal_problems, validate
-from worldmodel.eval.world import pixel_val
+from worldmodel.eval.clips import pixel_val
 from worldmodel.play import play
 from worldmodel.play.task import true_to_model_actions
 from worldmodel.runtime import memory_gb, release_memory
