@@ -33,7 +33,7 @@ demo: setup
 # 2 MaskGIT steps per frame keep the page at >= 15 frames/s on 2 busy cores (README, Play).
 play: setup
 	$(PY) run.py task=play play.ui=web play.steps=2 logger=none \
-	  checkpoint=experiments/demo/world.safetensors $(ARGS)
+	  world=experiments/demo/world.safetensors $(ARGS)
 
 test: setup
 	$(PY) -m pytest $(ARGS)

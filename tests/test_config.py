@@ -83,6 +83,7 @@ def test_defaults_are_the_design():
         (["trainer.accelerator=tpu"], "trainer.accelerator"),
         (["task=dance"], "task"),
         (["task=eval"], "checkpoint"),
+        (["task=play", "world=a.safetensors", "checkpoint=b.pt"], "give one of them"),
         (["+model.no_such_knob=1"], "model.no_such_knob"),
         (["+data.no_such_knob=1"], "data.no_such_knob"),
     ],
@@ -91,6 +92,13 @@ def test_validate_rejects_and_names_the_key(overrides, named):
     cfg = compose_config(overrides)
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_world_names_what_to_play_as_checkpoint_does():
+    cfg = validate(compose_config(["task=play", "world=experiments/demo/world.safetensors"]))
+    assert cfg.checkpoint == "experiments/demo/world.safetensors"
+    same = ["task=eval", "world=w.safetensors", "checkpoint=w.safetensors"]
+    assert validate(compose_config(same)).checkpoint == "w.safetensors"
 
 
 # ------------------------------------------------------------------ optimizer settings: conf/optim

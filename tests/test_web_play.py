@@ -227,7 +227,7 @@ def test_settings_downloads_and_tabs_are_separate(page, browser, server):
 
 
 def test_run_py_serves_the_page_and_prints_its_url():
-    """`python run.py task=play play.ui=web checkpoint=...` (what `make play` runs) prints the
+    """`python run.py task=play play.ui=web world=...` (what `make play` runs) prints the
     page's URL within a minute and serves the page and its script there."""
     start = time.monotonic()
     with web_server(DEMO / "world.safetensors", ["play.steps=2"], timeout=60) as url:

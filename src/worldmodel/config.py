@@ -284,8 +284,15 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictC
         errors.append(f"eval.split={split!r}: expected train, val or test")
     if cfg.task not in TASKS:
         errors.append(f"task={cfg.task!r}: expected one of {', '.join(TASKS)}")
+    world = cfg.get("world")
+    if world:  # `world=PATH` names what to play or evaluate, as `checkpoint=PATH` does
+        if cfg.get("checkpoint") and str(cfg.checkpoint) != str(world):
+            errors.append(f"world={world} and checkpoint={cfg.checkpoint}: give one of them")
+        else:
+            with open_dict(cfg):
+                cfg.checkpoint = str(world)
     if cfg.task in ("eval", "play") and not cfg.get("checkpoint"):
-        errors.append(f"task={cfg.task} needs checkpoint=PATH")
+        errors.append(f"task={cfg.task} needs world=PATH (or checkpoint=PATH)")
     stages = cfg.get("stages")
     if cfg.get("stage_overrides") and not stages:
         errors.append("stage_overrides: only a multi-stage recipe (task=pipeline) has stages")

@@ -66,7 +66,7 @@ def web_server(
             "play.ui=web",
             "play.port=0",
             "logger=none",
-            f"checkpoint={world}",
+            f"world={world}",
             f"hydra.run.dir={run_dir}",
             *overrides,
         ]
