@@ -65,6 +65,39 @@ def _prepare(path: PathLike) -> Path:
     return path
 
 
+def tile_frames(
+    rows: Sequence[np.ndarray],
+    padding: int = 2,
+    scale: int = 1,
+    pad_value: int = 255,
+    border: bool = True,
+) -> np.ndarray:
+    """Rows of frames (T_i, H, W, 3) uint8 as one picture (R * (H*scale + padding) ...): frame t
+    of row r in cell (r, t), `padding` pixels of `pad_value` between cells (and around them with
+    `border`); rows shorter than the longest end in blank cells."""
+    if not len(rows):
+        raise ValueError("no rows to draw")
+    h, w = rows[0].shape[1:3]
+    hs, ws = h * scale, w * scale
+    cols = max(len(r) for r in rows)
+    edge = padding if border else 0
+    canvas = np.full(
+        (
+            len(rows) * (hs + padding) - padding + 2 * edge,
+            cols * (ws + padding) - padding + 2 * edge,
+            3,
+        ),
+        pad_value,
+        dtype=np.uint8,
+    )
+    for r, row in enumerate(rows):
+        top = edge + r * (hs + padding)
+        for t, frame in enumerate(_upscale(np.asarray(row), scale)):
+            left = edge + t * (ws + padding)
+            canvas[top : top + hs, left : left + ws] = frame
+    return canvas
+
+
 def save_grid(
     videos: Sequence[Tensor],
     path: PathLike,
@@ -90,23 +123,11 @@ def save_grid(
             raise ValueError(
                 f"videos must share B, C, H, W; got {[tuple(x.shape) for x in videos]}"
             )
-    cols = max(v.shape[2] for v in videos)
-    rows = b * len(videos)
-    hs, ws = h * scale, w * scale
-    canvas = np.full(
-        (rows * (hs + padding) + padding, cols * (ws + padding) + padding, 3),
-        pad_value,
-        dtype=np.uint8,
+    # one row of (T, H, W, 3) uint8 frames per (sample, video)
+    frames = [_frames_thwc_batch(v) for v in videos]  # (B, T, H, W, 3) each
+    canvas = tile_frames(
+        [video[i] for i in range(b) for video in frames], padding, scale, pad_value, border=True
     )
-    # (B, T, H, W, 3) uint8 per video
-    frames = [_upscale(_frames_thwc_batch(v), scale) for v in videos]
-    for i in range(b):
-        for j, video in enumerate(frames):
-            row = i * len(videos) + j
-            top = padding + row * (hs + padding)
-            for t in range(video.shape[1]):
-                left = padding + t * (ws + padding)
-                canvas[top : top + hs, left : left + ws] = video[i, t]
     path = _prepare(path)
     Image.fromarray(canvas).save(path)
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from worldmodel.media import tile_frames
 from worldmodel.play.keys import world_moves
 from worldmodel.play.prompts import load_prompts, prompts_beside
 from worldmodel.world import World
@@ -63,21 +64,9 @@ def key_sheet(
     (N, H, W, 3), the prompt and every `every`-th frame of its rollout under `actions`."""
     if every < 1 or scale < 1 or gap < 0:
         raise ValueError(f"every={every}, scale={scale} must be >= 1 and gap={gap} >= 0")
-    rows = []
-    for prompt in prompts:
-        video = world.rollout(actions, prompt)  # (1 + len(actions), H, W, 3)
-        picked = video[::every]  # the prompt, then every `every`-th generated frame
-        up = picked.repeat(scale, axis=1).repeat(scale, axis=2)  # (C, Hs, Ws, 3)
-        h, w = up.shape[1:3]
-        row = np.full((h, len(up) * (w + gap) - gap, 3), 255, dtype=np.uint8)
-        for i, frame in enumerate(up):
-            row[:, i * (w + gap) : i * (w + gap) + w] = frame
-        rows.append(row)
-    h, w = rows[0].shape[:2]
-    sheet = np.full((len(rows) * (h + gap) - gap, w, 3), 255, dtype=np.uint8)
-    for i, row in enumerate(rows):
-        sheet[i * (h + gap) : i * (h + gap) + h] = row
-    return sheet
+    # per prompt: the prompt, then every `every`-th generated frame
+    rows = [world.rollout(actions, prompt)[::every] for prompt in prompts]
+    return tile_frames(rows, padding=gap, scale=scale, border=False)
 
 
 def main(argv: list[str] | None = None) -> None:
