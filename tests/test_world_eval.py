@@ -24,6 +24,7 @@ from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.eval import lam as EL
 from worldmodel.eval import world as W
+from worldmodel.eval.runner import evaluate
 from worldmodel.train.checkpoint import atomic_save
 from worldmodel.world import FrameLayout, World
 
@@ -295,3 +296,21 @@ def test_frame_layout_refuses_clips_it_cannot_cover() -> None:
     tokenizer.temporal_downsample = 2
     with pytest.raises(ValueError, match="cannot cover 12 pixel frames"):
         FrameLayout.of(tokenizer, 12, 5)
+
+
+def test_eval_clip_length_sets_the_scored_clips_of_a_world(world, tmp_path):
+    """`eval.clip_length` scores clips of another length than training's (here shorter than
+    the data's 10 frames; the demo scores 9-frame clips with an 8-frame window)."""
+    cfg = world.config(
+        world.dynamics_true,
+        "eval.batches=1",
+        "eval.batch_size=2",
+        "eval.clip_length=6",
+        "++eval.steps=1",
+        "eval.control.enabled=false",
+        run_dir=tmp_path,
+    )
+    result = evaluate(cfg)
+    assert result["data"]["clip_length"] == 6
+    assert len(result["metrics"]["rollout_psnr_changing"]) == 5  # 1 context frame + 5
+    assert cfg.data.clip_length == 10  # the caller's config is left as it was

@@ -7,6 +7,7 @@ CoinRun tokenizer can be scored on another procgen game or on Atari. Every model
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -61,11 +62,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             else None
         )
     kind = "world" if world is not None else "tokenizer" if isinstance(model, Tokenizer) else "lam"
+    if cfg.eval.get("clip_length"):
+        # Scored clips of another length than training's: a tokenizer trained on single frames
+        # scored on clips, or a world rolled out past its window (rollouts slide it).
+        cfg = copy.deepcopy(cfg)
+        cfg.data.clip_length = int(cfg.eval.clip_length)
     if isinstance(model, Tokenizer):
-        data_cfg = cfg.data.copy()
-        if cfg.eval.get("clip_length"):  # e.g. a tokenizer trained on single frames, on clips
-            data_cfg.clip_length = int(cfg.eval.clip_length)
-        val = instantiate(data_cfg).split(str(cfg.eval.get("split", "val")))
+        val = instantiate(cfg.data).split(str(cfg.eval.get("split", "val")))
         metrics, media, n = evaluate_tokenizer(model, val, cfg, run_dir)
     elif isinstance(model, LatentActions):
         metrics, media, n = evaluate_lam(model, cfg, run_dir)
