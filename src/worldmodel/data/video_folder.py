@@ -1,4 +1,4 @@
-"""Any folder of videos (searched recursively), decoded once with decord into the frame cache.
+"""Any folder of videos (searched recursively), decoded once into the frame cache (`decode.py`).
 
 Every video is one episode with unknown actions (-1; `num_actions` is None). Files are split
 between train and val by a hash of their path relative to the folder (stable when files are
@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from worldmodel.data.decode import DecodeError, probe, read_frames
 from worldmodel.data.frames import resize_frames, split_by_hash
 from worldmodel.data.shards import CacheWriter
 from worldmodel.data.source import FolderSource
@@ -94,33 +95,22 @@ class VideoFolderSource(FolderSource):
             idx = idx[: self.max_frames_per_video]
         return idx
 
-    @staticmethod
-    def _reader(path: Path):
-        import decord
-
-        decord.bridge.set_bridge("native")  # get_batch returns decord arrays -> .asnumpy()
-        return decord.VideoReader(str(path), ctx=decord.cpu(0))
-
     def _probe(self, path: Path) -> np.ndarray | None:
         """The frame indices to decode, or None (with a warning) if the file is unreadable."""
         try:
-            if path.stat().st_size == 0:
-                raise ValueError("empty file")
-            reader = self._reader(path)
-            idx = self._frame_indices(len(reader), reader.get_avg_fps())
+            info = probe(path)
+            idx = self._frame_indices(info.num_frames, info.fps or 0.0)
             if len(idx) == 0:
-                raise ValueError("no frames")
-            reader.get_batch([int(idx[0])])  # the container opened; check a frame decodes
+                raise DecodeError(f"{path}: no frames")
+            list(read_frames(path, idx[:1]))  # the container opened; check a frame decodes
             return idx
-        except Exception as e:  # decord raises its own DECORDError and RuntimeError/ValueError
+        except DecodeError as e:
             log.warning("skipping unreadable video %s: %s", path, str(e).splitlines()[0][:200])
             return None
 
     def _decode(self, path: Path, idx: np.ndarray, bar: Any):
         """Yields resized uint8 frame batches (n, H, W, 3) of `path` at `idx`."""
-        reader = self._reader(path)
-        for i in range(0, len(idx), self.decode_batch):
-            batch = reader.get_batch([int(j) for j in idx[i : i + self.decode_batch]]).asnumpy()
+        for batch in read_frames(path, idx, self.decode_batch):
             yield resize_frames(batch, self.resolution, self.crop)
             bar.update(len(batch))
 
