@@ -19,6 +19,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue
 
 # Keys a model or data group may hold that are not constructor arguments: the option's name and
 # the pipeline around the model.
@@ -31,6 +32,12 @@ PRECISIONS = ("fp32", "bf16")
 QUANTIZERS = ("fsq", "lfq", "vq", "rvq")
 # Launchers whose cluster config only takes effect through Hydra's multirun (`-m`).
 SWEEP_CLUSTERS = ("slurm", "submitit_local")
+# `trainer.strategy` with several processes (train/parallel.py)
+STRATEGIES = ("ddp", "fsdp")
+# `trainer.lr_schedule` kinds (train/optim.py `LRSchedule`) and `model.norm` kinds (the video
+# tokenizer's `FrameNorm`); a test keeps each in step with the code that reads it.
+LR_SCHEDULES = ("cosine", "constant")
+NORMS = ("layer", "group")
 
 
 class ConfigError(ValueError):
@@ -171,6 +178,57 @@ def quantizer_problems(q: DictConfig, key: str = "model.quantizer") -> list[str]
     return errors
 
 
+def missing_keys(cfg: DictConfig) -> list[str]:
+    """The dotted keys anywhere in `cfg` whose value is Hydra's mandatory `???`, unset."""
+    out: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        elif isinstance(node, list):
+            for i, v in enumerate(node):
+                walk(v, f"{prefix}{i}.")
+        elif node == "???":
+            out.append(prefix[:-1])
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return out
+
+
+def _check_data(data: DictConfig | None, errors: list[str]) -> None:
+    """A data source's module may define `check_config(data_cfg) -> list[str]` (e.g. the game's
+    name), asked here so a bad value stops the run before the model is built."""
+    if data is None or "_target_" not in data:
+        return
+    try:
+        cls = _target(data)
+    except ConfigError:
+        return  # reported by _check_signature
+    check = getattr(importlib.import_module(cls.__module__), "check_config", None)
+    if callable(check):
+        errors.extend(check(data))
+
+
+def _check_strategy(tr: DictConfig, errors: list[str]) -> None:
+    """`trainer.strategy` (train/parallel.py): FSDP shards over the processes, so it needs at
+    least two; one process trains without any wrapper (strategy ddp)."""
+    strategy = tr.get("strategy", "ddp")
+    if strategy not in STRATEGIES:
+        errors.append(f"trainer.strategy={strategy!r}: expected one of {', '.join(STRATEGIES)}")
+    elif strategy == "fsdp" and int(tr.devices) < 2:
+        errors.append(
+            f"trainer.strategy=fsdp with trainer.devices={tr.devices}: FSDP shards the model over "
+            "the processes and one process has nothing to shard it with; use trainer.devices>=2 "
+            "(or a launcher with several processes), or trainer.strategy=ddp for one process"
+        )
+    elif strategy == "fsdp" and tr.get("compile"):
+        errors.append(
+            "trainer.compile=true with trainer.strategy=fsdp: compiling a sharded model is not "
+            "supported here; set trainer.compile=false or trainer.strategy=ddp"
+        )
+
+
 def _check_trainer(tr: DictConfig, errors: list[str]) -> None:
     if tr.precision not in PRECISIONS:
         errors.append(f"trainer.precision={tr.precision!r}: expected one of {PRECISIONS}")
@@ -187,14 +245,34 @@ def _check_trainer(tr: DictConfig, errors: list[str]) -> None:
         errors.append(f"trainer.grad_accum={tr.grad_accum}: expected >= 1")
     if int(tr.max_steps) < 1:
         errors.append(f"trainer.max_steps={tr.max_steps}: expected >= 1")
+    if int(tr.val_batches) < 1:
+        errors.append(f"trainer.val_batches={tr.val_batches}: expected >= 1")
+    if tr.get("lr_schedule", "cosine") not in LR_SCHEDULES:
+        errors.append(
+            f"trainer.lr_schedule={tr.lr_schedule!r}: expected one of {', '.join(LR_SCHEDULES)}"
+        )
     per_step = int(tr.devices) * int(tr.grad_accum)
-    if per_step >= 1 and int(tr.batch_size) % per_step:
+    if int(tr.batch_size) < 1:
+        errors.append(f"trainer.batch_size={tr.batch_size}: expected >= 1 (clips per step)")
+    elif per_step >= 1 and int(tr.batch_size) % per_step:
         errors.append(
             f"trainer.batch_size={tr.batch_size} is not divisible by trainer.devices="
             f"{tr.devices} x trainer.grad_accum={tr.grad_accum}"
         )
+    elif (
+        per_step >= 1
+        and tr.get("micro_batch") is not None
+        and int(tr.micro_batch) * per_step != int(tr.batch_size)
+    ):  # a micro-batch given on the command line must be the one the loop will use
+        errors.append(
+            f"trainer.micro_batch={tr.micro_batch} x trainer.devices={tr.devices} x "
+            f"trainer.grad_accum={tr.grad_accum} != trainer.batch_size={tr.batch_size} "
+            "(drop trainer.micro_batch, it follows from the others, or make grad_accum = "
+            "batch_size / (devices x micro_batch))"
+        )
     if tr.ema_decay is not None and not 0.0 < float(tr.ema_decay) < 1.0:
         errors.append(f"trainer.ema_decay={tr.ema_decay}: expected null or in (0, 1)")
+    _check_strategy(tr, errors)
 
 
 def causal_problems(tokenizer_cfg: DictConfig, key: str = "model") -> list[str]:
@@ -227,6 +305,8 @@ def _check_model(cfg: DictConfig, errors: list[str]) -> None:
             errors.append(f"model.{key}: optimizer settings are in the optim group (optim.{key})")
     if model is None or "_target_" not in model:
         return
+    if "norm" in model and model.norm not in NORMS:
+        errors.append(f"model.norm={model.norm!r}: expected one of {', '.join(NORMS)}")
     try:
         cls = _target(model)
     except ConfigError:
@@ -267,6 +347,72 @@ def _check_launch(cfg: DictConfig, errors: list[str]) -> None:
         )
 
 
+def _cap(node: DictConfig, caps: Mapping[str, Any]) -> None:
+    """Lower each number of `node` to its cap in `caps` (nested alike); null, 0 and absent keys
+    stay as they are."""
+    for key, cap in caps.items():
+        if key not in node:
+            continue
+        value = node[key]
+        if isinstance(cap, Mapping) and isinstance(value, DictConfig):
+            _cap(value, cap)
+        elif isinstance(value, ListConfig) and not isinstance(cap, Mapping):
+            node[key] = [min(v, cap) for v in value]
+        elif isinstance(value, int | float) and not isinstance(value, bool) and value > cap:
+            node[key] = type(value)(cap)
+
+
+def _model_problems(cfg: DictConfig) -> list[str]:
+    errors: list[str] = []
+    _check_signature(cfg.model, "model", errors)
+    _check_model(cfg, errors)
+    return errors
+
+
+def apply_debug(cfg: DictConfig) -> None:
+    """Shrink the run in place to the sizes `debug=<option>` gives (conf/debug/), a no-op without
+    one. It runs inside `validate`, after every override, so a pipeline's stages, which set their
+    sizes as overrides, are shrunk too. Model widths and the clip length change only where the
+    model's own checks still pass (a model reading a tokenizer's tokens keeps its clip length)."""
+    debug = cfg.get("debug")
+    if not debug:
+        return
+    caps = OmegaConf.to_container(debug.get("caps") or {}, resolve=True)
+    assert isinstance(caps, dict)
+    with open_dict(cfg):
+        for group, group_caps in caps.items():
+            if isinstance(cfg.get(group), DictConfig):
+                _cap(cfg[group], group_caps)
+        for group, values in (debug.get("set") or {}).items():
+            node = cfg.get(group)
+            for key, value in (values or {}).items():
+                if isinstance(node, DictConfig) and key in node:
+                    node[key] = value
+        tr = cfg.trainer
+        per_step = int(tr.devices) * int(tr.grad_accum)
+        if per_step >= 1:  # the capped batch still splits across processes and micro-batches
+            tr.batch_size = max(per_step, int(tr.batch_size) // per_step * per_step)
+        model = cfg.get("model")
+        if not isinstance(model, DictConfig) or "_target_" not in model:
+            return
+        before = _model_problems(cfg)
+        original = OmegaConf.to_container(model, resolve=False)
+        _cap(model, OmegaConf.to_container(debug.get("model") or {}, resolve=True))
+        if _model_problems(cfg) != before:  # the recipe's model does not allow these sizes
+            cfg.model = model = original
+        data = cfg.data
+        if (model.get("pipeline") or {}).get("tokenizer_checkpoint") or "clip_length" not in data:
+            return
+        clip = data.clip_length
+        for shorter in debug.get("clip_lengths") or []:
+            if shorter >= clip:
+                break
+            data.clip_length = shorter
+            if _model_problems(cfg) == before:
+                break
+            data.clip_length = clip
+
+
 def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictConfig:
     """Reject impossible settings (naming the keys) and fill in derived values, in place.
 
@@ -274,11 +420,16 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictC
     is the launcher's: `trainer.devices` is set to it (it only says how many processes to spawn
     when nothing launched this one).
     """
-    errors: list[str] = []
+    errors = [
+        f"{key}: a mandatory value (???) is not set; give it, e.g. {key}=VALUE"
+        for key in missing_keys(cfg)
+    ]
     world = launcher_world_size(environ)
     if world is not None and world != int(cfg.trainer.devices):
         with open_dict(cfg):
             cfg.trainer.devices = world
+    if not errors:  # debug=<option>: the run shrunk before it is checked
+        apply_debug(cfg)
     split = (cfg.get("eval") or {}).get("split", "val")
     if split not in ("train", "val", "test"):
         errors.append(f"eval.split={split!r}: expected train, val or test")
@@ -303,14 +454,26 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictC
                 f"{', '.join(f'stage_overrides.{k}' for k in unknown)}: no such stage "
                 f"(the recipe's stages: {', '.join(stages)})"
             )
-    _check_launch(cfg, errors)
-    _check_trainer(cfg.trainer, errors)
-    _check_optim(cfg.get("optim"), errors)
-    _check_signature(cfg.data, "data", errors)
+    checks = [
+        lambda: _check_launch(cfg, errors),
+        lambda: _check_trainer(cfg.trainer, errors),
+        lambda: _check_optim(cfg.get("optim"), errors),
+        lambda: _check_signature(cfg.data, "data", errors),
+        lambda: _check_data(cfg.data, errors),
+    ]
     # A recipe's own model is not trained (its stages are, each checked on its own).
     if cfg.task == "train" or (cfg.task == "check" and not stages):
-        _check_signature(cfg.model, "model", errors)
-        _check_model(cfg, errors)
+        checks.append(lambda: _check_signature(cfg.model, "model", errors))
+        checks.append(lambda: _check_model(cfg, errors))
+    for check in checks:
+        try:
+            check()
+        except (MissingMandatoryValue, InterpolationToMissingValueError):
+            pass  # a check that reads an unset `???` value: named above
+        except ConfigError as e:
+            errors.append(str(e))
+        except (ValueError, TypeError) as e:  # e.g. int("abc"): the message names the value
+            errors.append(f"{type(e).__name__}: {e}")
     if errors:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(errors))
     with open_dict(cfg):

@@ -1,9 +1,10 @@
-"""Atari 2600 games (the Arcade Learning Environment through gymnasium) with a held random policy.
+"""Atari 2600 games (the Arcade Learning Environment through gymnasium), recorded with a policy.
 
 Frames are the environment's RGB observations after `frameskip` emulator frames, resized
 (antialiased) to `resolution`; the true actions are saved and `num_actions` is the size of the
 game's action space (minimal set unless `full_action_space`). Train and val episodes are played
-from different seeds.
+from different seeds, by a held random policy unless `policy` names another
+(`worldmodel.data.policies`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from worldmodel.data.frames import HeldRandomPolicy, check_crop, resize_frames
+from worldmodel.data.frames import check_crop, resize_frames
+from worldmodel.data.policies import HeldRandomPolicy, checked_actions, make_policy
 from worldmodel.data.shards import CacheWriter, SplitWriter
 from worldmodel.data.source import Source
 
@@ -43,6 +45,8 @@ class AtariSource(Source):
         train_frames, val_frames: frames to record per split.
         train_seed, val_seed: environment and policy seeds of the two splits (must differ).
         max_action_repeat: each random action is held for 1..max_action_repeat steps.
+        policy: what plays (null = held random actions): `{_target_: ..., **kwargs}` naming a
+            policy builder (see `worldmodel.data.policies`); it sees the 210x160 screen.
         max_episode_frames: cut episodes longer than this (0 = only the game's own end).
         crop: "none" (squash the 210x160 screen) or "center".
     """
@@ -68,6 +72,7 @@ class AtariSource(Source):
         max_action_repeat: int = 4,
         max_episode_frames: int = 0,
         crop: str = "none",
+        policy: dict[str, Any] | None = None,
         name: str | None = None,
     ):
         super().__init__(
@@ -84,6 +89,7 @@ class AtariSource(Source):
         self.max_action_repeat = int(max_action_repeat)
         self.max_episode_frames = int(max_episode_frames)
         self.crop = check_crop(crop)
+        self.policy = make_policy(policy)  # checked now; built per split (needs the action count)
 
     def label(self) -> str:
         return self.game.removeprefix("ALE/")
@@ -107,7 +113,7 @@ class AtariSource(Source):
         )
 
     def recording_params(self) -> dict[str, Any]:
-        return {
+        params = {
             "source": self.kind,
             "game": self.game,
             "resolution": list(self.resolution),
@@ -120,6 +126,9 @@ class AtariSource(Source):
             "max_episode_frames": self.max_episode_frames,
             "crop": self.crop,
         }
+        if self.policy is not None:  # only when set: earlier recordings keep their cache key
+            params["policy"] = self.policy.key
+        return params
 
     def record(self, writer: CacheWriter) -> dict[str, Any]:
         num_actions = None
@@ -131,7 +140,11 @@ class AtariSource(Source):
         env = self._make()
         num_actions = int(env.action_space.n)
         seed = self.seeds[split]
-        policy = HeldRandomPolicy(num_actions, 1, self.max_action_repeat, seed)
+        if self.policy is None:
+            policy = HeldRandomPolicy(num_actions, 1, self.max_action_repeat, seed)
+        else:
+            policy = self.policy.build(num_actions, 1, seed)
+        who = self.policy.name if self.policy else "HeldRandomPolicy"
         budget = self.frames[split]
         chunk = 256  # frames resized together (the resize is batched)
         with self.progress(budget, f"{self.label()} {split}") as bar:
@@ -141,7 +154,7 @@ class AtariSource(Source):
                 out.begin_episode()
                 frames, actions, length, done = [], [], 0, False
                 while not done:
-                    action = int(policy()[0])
+                    action = int(checked_actions(policy(obs[None]), 1, num_actions, who)[0])
                     frames.append(obs)
                     actions.append(action)
                     length += 1
@@ -161,3 +174,12 @@ class AtariSource(Source):
                 obs, _ = env.reset()
         env.close()
         return num_actions
+
+
+def check_config(data: Any) -> list[str]:
+    """What `validate` reports about an ALE data config before any work: the game's name."""
+    try:
+        ale_env_id(str(data.get("game")))
+    except ValueError as e:
+        return [f"data.game={data.get('game')!r}: {e}"]
+    return []

@@ -1,4 +1,4 @@
-"""OpenAI Procgen (CoinRun and the 15 other games) recorded with a held random policy.
+"""OpenAI Procgen (CoinRun and the 15 other games) recorded with a held random or a given policy.
 
 `num_envs` environments step in one process (procgen's own vectorisation). Train episodes come
 from levels `[train_level_start, train_level_start + train_num_levels)` and val episodes from a
@@ -9,11 +9,17 @@ procgen starts a new one; the episodes still running when the frame budget is re
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import io
+import sys
 from typing import Any
 
 import numpy as np
 
-from worldmodel.data.frames import HeldRandomPolicy, resize_frames
+from worldmodel.data.frames import resize_frames
+from worldmodel.data.policies import COINRUN_MOVES as COINRUN_MOVES  # named here before
+from worldmodel.data.policies import HeldRandomPolicy, checked_actions, make_policy
 from worldmodel.data.shards import CacheWriter, SplitWriter
 from worldmodel.data.source import Source
 
@@ -36,8 +42,35 @@ PROCGEN_GAMES = (
     "starpilot",
 )
 PROCGEN_NUM_ACTIONS = 15  # every game shares procgen's 15-button action set
-# procgen's buttons (env.get_combos()) with a distinct effect in CoinRun, by name
-COINRUN_MOVES = {"left": 1, "left+jump": 2, "noop": 4, "jump": 5, "right": 7, "right+jump": 8}
+
+
+def import_procgen_env() -> type:
+    """`procgen.ProcgenGym3Env`, imported without the notice gym prints when it is imported.
+
+    procgen imports the unmaintained `gym` package (for its registration), whose `__init__`
+    prints a four-line "Gym has been unmaintained since 2022..." notice to stderr on every
+    recording; procgen itself runs on gym3 and never uses it. That notice (gym_notices' text for
+    the installed gym version) is dropped; anything else written meanwhile goes through.
+    """
+    if "gym" not in sys.modules:
+        captured = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(captured):
+                importlib.import_module("gym")
+        finally:
+            text = captured.getvalue()
+            try:
+                from gym_notices.notices import notices
+
+                notice = notices.get(sys.modules["gym"].__version__)
+            except (ImportError, KeyError, AttributeError):  # gym failed, or no notices
+                notice = None
+            if notice:
+                text = text.replace(notice + "\n", "", 1)
+            sys.stderr.write(text)
+    from procgen import ProcgenGym3Env  # heavy import, only when recording
+
+    return ProcgenGym3Env
 
 
 class ProcgenSource(Source):
@@ -54,6 +87,9 @@ class ProcgenSource(Source):
         eval_num_envs: environments stepped together for val and test (null = num_envs):
             many at once give many short episodes from many levels.
         distribution_mode: procgen's "easy" | "hard" | "extreme" | "memory" | "exploration".
+        policy: what plays (null = held random actions): `{_target_: ..., **kwargs}` naming a
+            policy builder (see `worldmodel.data.policies`), e.g. `RunRight` for CoinRun or a
+            network file through `worldmodel.models.policy.CheckpointPolicy`.
         max_action_repeat: each random action is held for 1..max_action_repeat steps.
         action_set: the action ids the random policy draws from (null = all 15). CoinRun's
             buttons have 6 distinct effects: [1, 2, 4, 5, 7, 8] = left, left+jump, nothing,
@@ -93,6 +129,7 @@ class ProcgenSource(Source):
         frame_skip: int = 1,
         seed: int = 0,
         env_kwargs: dict[str, Any] | None = None,
+        policy: dict[str, Any] | None = None,
         name: str | None = None,
     ):
         super().__init__(
@@ -129,6 +166,11 @@ class ProcgenSource(Source):
         self.action_set = [int(a) for a in action_set] if action_set is not None else None
         if self.action_set is not None:  # checked now, not after minutes of recording
             HeldRandomPolicy(PROCGEN_NUM_ACTIONS, 1, self.max_action_repeat, 0, self.action_set)
+        self.policy = make_policy(policy)
+        if self.policy is not None:  # built once now: a bad target or file fails before recording
+            if self.action_set is not None:
+                raise ValueError("action_set is the random policy's; with data.policy set, drop it")
+            self.policy.build(PROCGEN_NUM_ACTIONS, 1, 0)
         self.seed = int(seed)
         self.env_kwargs = dict(env_kwargs or {})
 
@@ -158,6 +200,8 @@ class ProcgenSource(Source):
             params["action_set"] = self.action_set
         if self.frame_skip > 1:
             params["frame_skip"] = self.frame_skip
+        if self.policy is not None:
+            params["policy"] = self.policy.key
         return params
 
     def record(self, writer: CacheWriter) -> dict[str, Any]:
@@ -167,8 +211,7 @@ class ProcgenSource(Source):
         return {"num_actions": num_actions}
 
     def _record_split(self, out: SplitWriter, split: str, seed: int) -> int:
-        from procgen import ProcgenGym3Env  # heavy import, only when recording
-
+        ProcgenGym3Env = import_procgen_env()
         levels = self.levels[split]
         num_envs = self.num_envs if split == "train" else self.eval_num_envs or self.num_envs
         env = ProcgenGym3Env(
@@ -181,9 +224,13 @@ class ProcgenSource(Source):
             **self.env_kwargs,
         )
         num_actions = int(env.ac_space.eltype.n)
-        policy = HeldRandomPolicy(
-            num_actions, num_envs, self.max_action_repeat, seed, self.action_set
-        )
+        if self.policy is None:
+            policy = HeldRandomPolicy(
+                num_actions, num_envs, self.max_action_repeat, seed, self.action_set
+            )
+        else:
+            policy = self.policy.build(num_actions, num_envs, seed)
+        who = self.policy.name if self.policy else "HeldRandomPolicy"
         budget = self.frames[split]
         frames: list[list[np.ndarray]] = [[] for _ in range(num_envs)]
         actions: list[list[int]] = [[] for _ in range(num_envs)]
@@ -213,7 +260,7 @@ class ProcgenSource(Source):
                 room = budget - out.num_frames - sum(len(f) for f in frames)
                 if room <= 0:
                     break
-                act = policy()
+                act = checked_actions(policy(obs["rgb"]), num_envs, num_actions, who)
                 # on the last step only the first `room` envs contribute, to hit the budget exactly
                 for env_id in range(min(room, num_envs)):
                     frames[env_id].append(obs["rgb"][env_id].copy())
@@ -229,3 +276,11 @@ class ProcgenSource(Source):
                 if frames[env_id]:
                     flush(env_id)
         return num_actions
+
+
+def check_config(data: Any) -> list[str]:
+    """What `validate` reports about a procgen data config before any work: the game's name."""
+    name = data.get("env_name")
+    if name not in PROCGEN_GAMES:
+        return [f"data.env_name={name!r}: not a procgen game (valid: {', '.join(PROCGEN_GAMES)})"]
+    return []
