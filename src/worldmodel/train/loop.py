@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from worldmodel.build import build_model
 from worldmodel.config import optim_settings
@@ -170,17 +170,14 @@ def setup(cfg: DictConfig, device: torch.device, manager: ckpt.CheckpointManager
 def train_batches(run: Run, env: dist.DistEnv, device: torch.device) -> Iterator[dict]:
     """This rank's micro-batches, from global batch `run.batches` on (see `ResumableSampler`)."""
     tr = run.cfg.trainer
-    sampler = ResumableSampler(
-        len(run.train_ds),
-        int(tr.batch_size),
-        int(tr.grad_accum),
-        env.rank,
-        env.world_size,
-        int(run.cfg.seed),
-        start_batch=run.batches,
-    )
+    dataset, sampler = run.train_ds, None
+    args = (int(tr.batch_size), int(tr.grad_accum), env.rank, env.world_size, int(run.cfg.seed))
+    if isinstance(dataset, IterableDataset):  # a stream places itself (data/stream.py)
+        dataset = dataset.placed(run.batches, *args, num_workers=int(tr.num_workers))
+    else:
+        sampler = ResumableSampler(len(dataset), *args, start_batch=run.batches)
     loader = DataLoader(
-        run.train_ds,
+        dataset,
         batch_size=int(tr.micro_batch),
         sampler=sampler,
         num_workers=int(tr.num_workers),
