@@ -34,6 +34,7 @@ from worldmodel.play import play
 from worldmodel.play.task import true_to_model_actions
 from worldmodel.runtime import memory_gb, release_memory
 from worldmodel.tasks.train import train_task
+from worldmodel.train.logging import name_stage_run
 from worldmodel.world import WORLD_FILE, World
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,7 @@ def compose_stages(cfg: DictConfig) -> list[Stage]:
             with open_dict(stage_cfg):
                 stage_cfg.run_dir = str(run_dir / name)
                 stage_cfg.stage_label = label
+            name_stage_run(stage_cfg, cfg, name)  # W&B: <recipe>/<stage>, grouped by run_dir
             validate(stage_cfg)
         except (HydraException, OmegaConfBaseException, ConfigError) as e:
             hint = (

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from worldmodel.eval.runner import evaluate
+from worldmodel.train.logging import log_eval
 from worldmodel.train.loop import train
 
 
@@ -19,5 +20,5 @@ def train_task(cfg: DictConfig) -> float | None:
     if cfg.eval.get("after_train") and last.exists() and os.environ.get("RANK", "0") == "0":
         with open_dict(cfg):
             cfg.checkpoint = str(last)
-        evaluate(cfg)
+        log_eval(cfg, evaluate(cfg), cfg.run_dir)  # an eval run beside the training run
     return val_loss

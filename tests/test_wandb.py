@@ -1,0 +1,254 @@
+"""W&B as a researcher reads it: runs named and grouped, eval numbers in the summary, pictures as
+media, and `run.log` under DDP. Real offline W&B runs, read back from their `.wandb` files."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from worldmodel.train.logging import flatten, log_eval, media_panels, wandb_identity
+
+# ----------------------------------------------------------------------- reading an offline run
+
+_BLOCK = 32768  # the `.wandb` file is a LevelDB-style log: 32 KiB blocks of framed records
+_FULL, _LAST = 1, 4
+
+
+@dataclass
+class OfflineRun:
+    """What an offline W&B run recorded: its identity, summary, history keys, media files."""
+
+    folder: Path
+    id: str = ""
+    name: str = ""
+    group: str = ""
+    job_type: str = ""
+    tags: list[str] = field(default_factory=list)
+    config_keys: set[str] = field(default_factory=set)
+    summary: dict[str, object] = field(default_factory=dict)
+    history_keys: set[str] = field(default_factory=set)
+
+    def media(self, kind: str) -> list[Path]:
+        """Media files under `files/media/<kind>/` (kind: images | videos)."""
+        return sorted((self.folder / "files" / "media" / kind).rglob("*.*"))
+
+
+def _records(path: Path):
+    """The protobuf records of a `.wandb` file (W&B's own framing: a 7-byte `:W&B` header, then
+    records of checksum, length, type split across 32 KiB blocks)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, parts = 7, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # a block's tail too short for a header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+            continue
+        parts += data[pos : pos + length]
+        pos += length
+        if kind in (_FULL, _LAST):
+            record = pb.Record()
+            record.ParseFromString(parts)
+            parts = b""
+            yield record
+
+
+def _key(item) -> str:
+    return item.key or "/".join(item.nested_key)
+
+
+def read_offline_run(folder: Path) -> OfflineRun:
+    run = OfflineRun(folder)
+    (path,) = folder.glob("run-*.wandb")
+    for record in _records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            r = record.run
+            run.id, run.name, run.group = r.run_id, r.display_name, r.run_group
+            run.job_type = r.job_type
+            run.tags = list(r.tags)
+            run.config_keys = {_key(item) for item in r.config.update}
+        elif kind == "summary":
+            for item in record.summary.update:
+                run.summary[_key(item)] = json.loads(item.value_json)
+        elif kind == "history":
+            run.history_keys |= {_key(item) for item in record.history.item}
+    return run
+
+
+def offline_runs(run_dir: Path) -> dict[str, OfflineRun]:
+    """The offline runs in a run folder, keyed by job_type."""
+    runs = [read_offline_run(f) for f in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    return {r.job_type: r for r in runs}
+
+
+# --------------------------------------------------------------------------------------- runs
+
+
+def run_py(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "run.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if out.returncode != 0:
+        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
+    return out
+
+
+# Media each stage's runs must hold (training run: validation grid; eval run: eval.json's media).
+STAGE_MEDIA = {
+    "tokenizer": ("val/reconstruction", ("reconstruction_grid", "side_by_side")),
+    "lam": ("val/next_frame", ("next_frame_grid", "action_confusion")),
+    "dynamics": (None, ("next_frame_grid", "rollout", "rollout_psnr_plot", "delta_psnr_plot")),
+}
+
+
+def _numbers(metrics: dict) -> dict[str, object]:
+    return {k: v for k, v in flatten(metrics, "eval").items() if v is not None}
+
+
+@pytest.mark.slow  # a whole three-stage pipeline with W&B (~25 s alone, more on shared cores)
+def test_a_pipeline_files_its_runs_and_their_eval(tmp_path):
+    run_dir = tmp_path / "2026-01-01" / "12-00-00_smoke_genie"
+    run_py(
+        "experiment=smoke_genie",
+        f"hydra.run.dir={run_dir}",
+        "logger=wandb",
+        "trainer.max_steps=10",
+        "trainer.progress=false",
+        "play.actions=[]",
+    )
+    group = "2026-01-01/12-00-00_smoke_genie"  # the pipeline's run folder
+    for stage, (val_media, eval_media) in STAGE_MEDIA.items():
+        runs = offline_runs(run_dir / stage)
+        assert set(runs) == {stage, "eval"}, (stage, set(runs))
+        train_run, eval_run = runs[stage], runs["eval"]
+        assert train_run.name == f"smoke_genie/{stage}"
+        assert eval_run.name == f"smoke_genie/{stage}/eval"
+        assert train_run.group == eval_run.group == group
+        assert "smoke_genie" in train_run.tags and "smoke_genie" in eval_run.tags
+        assert (run_dir / stage / "wandb_id.txt").read_text() == train_run.id
+        assert "train_wandb_id" in eval_run.config_keys
+
+        # training: losses over steps, the validation grid as an image
+        assert {"train/loss", "val/loss"} <= train_run.history_keys
+        if val_media is not None:
+            assert f"{val_media}/path" in train_run.summary or val_media in train_run.summary
+            assert train_run.media("images"), f"{stage}: no validation image"
+
+        # evaluation: every number of eval.json in the summary, each picture as media
+        result = json.loads((run_dir / stage / "eval.json").read_text())
+        expected = _numbers(result["metrics"])
+        missing = sorted(set(expected) - set(eval_run.summary))
+        assert not missing, f"{stage}: eval.json numbers missing from the summary: {missing[:5]}"
+        for key in ("eval/psnr", "eval/num_clips", "eval/step"):
+            assert key in eval_run.summary, (stage, key)
+        assert eval_run.summary["eval/psnr"] == pytest.approx(result["metrics"]["psnr"])
+        for kind in eval_media:
+            assert f"eval/media/{kind}" in eval_run.history_keys or any(
+                k.startswith(f"eval/media/{kind}/") for k in eval_run.history_keys
+            ), (stage, kind)
+        names = [p.name for p in eval_run.media("images") + eval_run.media("videos")]
+        for kind in eval_media:
+            assert any(n.startswith(f"{kind}_") for n in names), (stage, kind, names)
+    videos = offline_runs(run_dir / "dynamics")["eval"].media("videos")
+    assert [p.suffix for p in videos] == [".mp4"]  # the rollout once, as MP4 (not also a GIF)
+
+
+@pytest.mark.slow  # a sweep of two runs of two gloo processes each, started by run.py (~40 s)
+def test_a_sweep_of_ddp_runs_shares_a_group_and_each_run_log_has_rank_zero_lines(tmp_path):
+    sweep = tmp_path / "2026-01-01" / "12-00-00"
+    run_py(
+        "-m",
+        "experiment=smoke_tokenizer",
+        "logger=wandb",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.threads=1",
+        "trainer.batch_size=4",
+        "trainer.max_steps=1,2",
+        "trainer.progress=false",
+        f"hydra.sweep.dir={sweep}",
+    )
+    runs = [offline_runs(sweep / str(i))["tokenizer"] for i in (0, 1)]
+    assert [r.group for r in runs] == ["2026-01-01/12-00-00"] * 2  # the sweep folder
+    assert [r.name for r in runs] == ["smoke_tokenizer/0", "smoke_tokenizer/1"]
+    for i, steps in enumerate((1, 2)):
+        # Before: empty under DDP (the spawned ranks did not have Hydra's file handler).
+        lines = (sweep / str(i) / "run.log").read_text().splitlines()
+        # rank 0's lines, once each (the other rank is silent below ERROR)
+        assert sum("VideoTokenizer:" in line and "parameters" in line for line in lines) == 1
+        assert sum(f"step {steps}: val/loss=" in line for line in lines) == 1
+
+
+# ---------------------------------------------------------------------------------- the parts
+
+
+def test_flatten_keeps_every_number_of_nested_results():
+    flat = flatten({"psnr": 20.5, "curve": [1.0, 2.0], "m": [[1, 2]], "d": {"a": "x"}}, "eval")
+    assert flat == {
+        "eval/psnr": 20.5,
+        "eval/curve/0": 1.0,
+        "eval/curve/1": 2.0,
+        "eval/m/0/0": 1,
+        "eval/m/0/1": 2,
+        "eval/d/a": "x",
+    }
+
+
+def test_media_panels_prefer_mp4_and_skip_missing_files(tmp_path):
+    for name in ("rollout.gif", "rollout.mp4", "grid.png", "only.gif"):
+        (tmp_path / name).write_bytes(b"x")
+    media = {
+        "rollout_gif": "rollout.gif",
+        "rollout_mp4": "rollout.mp4",
+        "grid": "grid.png",
+        "only_gif": "only.gif",
+        "gone": "gone.png",
+    }
+    panels = media_panels(media, tmp_path)
+    assert panels == {
+        "eval/media/rollout": tmp_path / "rollout.mp4",
+        "eval/media/grid": tmp_path / "grid.png",
+        "eval/media/only": tmp_path / "only.gif",
+    }
+
+
+def test_identity_of_a_plain_run_and_of_an_eval():
+    config = {"name": "smoke_lam", "task": "train", "model": {"name": "lam"}, "data": {}}
+    config["logger"] = {"name": "wandb", "tags": ["mine"]}
+    assert wandb_identity(config) == {
+        "name": "smoke_lam",
+        "group": None,
+        "job_type": "lam",
+        "tags": ["mine", "smoke_lam", "lam"],
+    }
+    assert wandb_identity({**config, "task": "eval"})["job_type"] == "eval"
+
+
+def test_a_failing_wandb_costs_the_evaluation_nothing(tmp_path, caplog):
+    blocked = tmp_path / "not_a_folder"
+    blocked.write_text("a file where the run folder should be")
+    config = {"name": "x", "task": "eval", "model": {"name": "lam"}, "logger": {"name": "wandb"}}
+    log_eval(config, {"metrics": {"psnr": 1.0}, "media": {}}, blocked)  # must not raise
+    assert "W&B eval logging failed" in caplog.text
