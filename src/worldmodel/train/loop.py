@@ -33,11 +33,12 @@ from worldmodel.build import build_model
 from worldmodel.config import optim_settings
 from worldmodel.data.dataset import val_subset
 from worldmodel.media import save_grid
+from worldmodel.models.interfaces import LatentActions, Tokenizer
 from worldmodel.pipeline import build_datasets
 from worldmodel.runtime import autocast, set_threads
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train import dist
-from worldmodel.train.logging import MetricsLogger, ProgressBar, setup_logging
+from worldmodel.train.logging import MetricsLogger, ProgressBar, run_log, setup_logging
 from worldmodel.train.optim import EMA, LRSchedule, adamw
 from worldmodel.train.sampler import ResumableSampler
 from worldmodel.train.sampler import position as data_position
@@ -60,7 +61,8 @@ def _worker(env: dist.DistEnv, plain: dict[str, Any]) -> float | None:
     set_threads(tr.threads, env.local_world_size)
     device = dist.init_process_group(env, tr.backend, tr.accelerator)
     try:
-        return _train(cfg, env, device)
+        with run_log(env.rank, Path(cfg.run_dir) / "run.log"):  # spawned ranks lack Hydra's
+            return _train(cfg, env, device)
     finally:
         dist.destroy_process_group()
 
@@ -360,8 +362,8 @@ def validate(run: Run, device: torch.device, logger: MetricsLogger | None, media
         row = {f"val/{k}" if "/" not in k else k: v / max(n, 1) for k, v in sums.items()}
         if logger is not None:
             logger.log(run.step, row)
-            if media and first is not None and hasattr(model, "reconstruct"):
-                _reconstruction_media(run, first, device, logger)
+            if media and first is not None:
+                _validation_media(run, first, device, logger)
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
@@ -370,16 +372,28 @@ def validate(run: Run, device: torch.device, logger: MetricsLogger | None, media
     return row.get("val/loss", float("nan"))
 
 
-def _reconstruction_media(
+def _validation_media(
     run: Run, batch: dict[str, torch.Tensor], device: torch.device, logger: MetricsLogger
 ) -> None:
-    cfg = run.cfg
-    video = batch["video"][: int(cfg.eval.media_samples)]
+    """The first validation clips beside the model's version of them, as a grid (real rows
+    above, model rows below): a tokenizer's reconstruction (`val/reconstruction`), a LAM's
+    next frames predicted with the codes it inferred (`val/next_frame`). A world model trains
+    on tokens and has no pixels to show here; its evaluation renders rollouts."""
+    cfg, model = run.cfg, run.model
+    if "video" not in batch or not isinstance(model, Tokenizer | LatentActions):
+        return
+    video = batch["video"][: int(cfg.eval.media_samples)]  # (B, C, T, H, W)
     with autocast(device, cfg.trainer.precision == "bf16"):
-        recon, _ = run.model.reconstruct(video)
-    path = Path(cfg.run_dir) / "media" / f"reconstruction_{run.step:08d}.png"
-    save_grid([video.float().cpu(), recon.float().clamp(-1, 1).cpu()], path)
-    logger.log_files(run.step, {"val/reconstruction": path}, {})
+        if isinstance(model, Tokenizer):
+            name, real = "reconstruction", video
+            fake, _ = model.reconstruct(video)
+        else:
+            video = video[:, :, : int(model.max_frames)]
+            name, real = "next_frame", video[:, :, 1:]  # frames 1..T-1
+            fake = model.predict_frames(video, model.infer_actions(video))  # (B, C, T-1, H, W)
+    path = Path(cfg.run_dir) / "media" / f"{name}_{run.step:08d}.png"
+    save_grid([real.float().cpu(), fake.float().clamp(-1, 1).cpu()], path)
+    logger.log_files(run.step, {f"val/{name}": path}, {})
 
 
 # ----------------------------------------------------------------------------------------- save
