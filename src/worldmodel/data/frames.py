@@ -1,4 +1,4 @@
-"""Helpers shared by the sources: resolution parsing, crop + resize, train/val splits, policy."""
+"""Helpers shared by the sources: resolution parsing, crop + resize, train/val splits."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+
+# the held random policy lived here before the recording policies had a module of their own
+from worldmodel.data.policies import HeldRandomPolicy as HeldRandomPolicy
 
 CROPS = ("center", "none")
 
@@ -88,47 +91,3 @@ def split_by_hash(keys: Sequence[str], val_fraction: float) -> tuple[list[int], 
             val.discard(order[-1])
     train = [i for i in range(len(keys)) if i not in val]
     return train, sorted(val)
-
-
-class HeldRandomPolicy:
-    """Uniform random actions, each held for a random 1..`max_repeat` steps, for `num` agents.
-
-    Holding actions makes the agent travel (a fresh action every step mostly jitters in place),
-    so recorded clips show motion that depends on the action. `choices` restricts the draw to
-    some action ids (e.g. a game's distinct moves, leaving out buttons that do the same).
-    """
-
-    def __init__(
-        self,
-        num_actions: int,
-        num: int,
-        max_repeat: int,
-        seed: int,
-        choices: list[int] | None = None,
-    ):
-        if max_repeat < 1:
-            raise ValueError(f"max_action_repeat must be >= 1, got {max_repeat}")
-        if choices is not None:
-            bad = [a for a in choices if not 0 <= int(a) < num_actions]
-            if not choices or bad:
-                raise ValueError(
-                    f"action_set {list(choices)}: needs one or more action ids in "
-                    f"[0, {num_actions})" + (f"; outside: {bad}" if bad else "")
-                )
-        self.num_actions = num_actions
-        self.choices = np.asarray(
-            sorted({int(a) for a in choices}) if choices is not None else range(num_actions)
-        )
-        self.max_repeat = max_repeat
-        self.rng = np.random.default_rng(seed)
-        self.actions = np.zeros(num, dtype=np.int64)
-        self.left = np.zeros(num, dtype=np.int64)
-
-    def __call__(self) -> np.ndarray:
-        new = self.left <= 0
-        n = int(new.sum())
-        if n:
-            self.actions[new] = self.choices[self.rng.integers(0, len(self.choices), size=n)]
-            self.left[new] = self.rng.integers(1, self.max_repeat + 1, size=n)
-        self.left -= 1
-        return self.actions.copy()
