@@ -26,6 +26,8 @@ import torch
 
 from worldmodel.build import build_model
 from worldmodel.config import instantiate
+from worldmodel.data.clips import bundled_clips_folder
+from worldmodel.data.decode import probe, read_frames
 from worldmodel.play.browser import measure
 from worldmodel.runtime import choose_threads
 from worldmodel.world import World
@@ -418,6 +420,55 @@ def case_contention(overrides: list[str], warmup: int, iters: int) -> dict:
     }
 
 
+def case_decode(overrides: list[str], warmup: int, iters: int) -> dict:
+    """Decoding real h264 clips to RGB uint8 frames (the bundled 272x640 and 720x1280 clips):
+    PyAV through `data/decode.py` (what the sources use) beside decord 0.6.0, every frame and
+    every 3rd frame (as `data.fps` resampling asks). Runs alternate between the two decoders so
+    both see the same machine load; frames/s are medians of `iters` runs, and `identical` says
+    whether both returned the same pixels."""
+    try:
+        import decord  # the comparison only: the sources decode with PyAV
+    except ImportError:
+        decord = None
+    out: dict = {}
+    for name in ("bikes.mp4", "bigbuckbunny.mp4"):
+        path = bundled_clips_folder() / name
+        count = probe(path).num_frames
+        for label, idx in (("all", np.arange(count)), ("every_3rd", np.arange(0, count, 3))):
+
+            def pyav(idx: np.ndarray = idx, path: Path = path) -> np.ndarray:
+                return np.concatenate(list(read_frames(path, idx)))  # (N, H, W, 3)
+
+            def by_decord(idx: np.ndarray = idx, path: Path = path) -> np.ndarray:
+                decord.bridge.set_bridge("native")
+                return decord.VideoReader(str(path)).get_batch(idx.tolist()).asnumpy()
+
+            runs = {"pyav": pyav} if decord is None else {"pyav": pyav, "decord": by_decord}
+            times: dict[str, list[float]] = {k: [] for k in runs}
+            for i in range(warmup + iters):
+                for key, fn in runs.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if i >= warmup:
+                        times[key].append(time.perf_counter() - t0)
+            row: dict = {"frames": len(idx)}
+            for key, ts in times.items():
+                row[f"{key}_frames_per_s"] = len(idx) / statistics.median(ts)
+            if decord is not None:
+                row["pyav_vs_decord"] = row["pyav_frames_per_s"] / row["decord_frames_per_s"]
+                row["identical"] = bool(np.array_equal(pyav(), by_decord()))
+            out[f"{name.split('.')[0]}_{label}"] = row
+    out["decord"] = decord.__version__ if decord is not None else "not installed"
+    return out
+
+
+# The streaming case's data: 1M frames of 64x64 in 100 shards (env vars shrink it for a quick run).
+STREAM_FRAMES = int(os.environ.get("WORLDMODEL_BENCH_STREAM_FRAMES", 1_000_000))
+STREAM_COMPRESS = os.environ.get("WORLDMODEL_BENCH_STREAM_COMPRESS", "zlib")
+STREAM_WORKERS = int(os.environ.get("WORLDMODEL_BENCH_STREAM_WORKERS", 1))
+STREAM_SHARDS = 100
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -435,6 +486,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "play_demo": case_play,
     "play_web": case_play_web,
     "contention": case_contention,
+    "decode": case_decode,
     "cvivit_train_fp32": lambda o, w, i: case_cvivit("train_fp32", o, w, i),
     "cvivit_train_bf16": lambda o, w, i: case_cvivit("train_bf16", o, w, i),
     "cvivit_encode_fp32": lambda o, w, i: case_cvivit("encode_fp32", o, w, i),
