@@ -276,7 +276,8 @@ class TrajectorySource(FolderSource):
                     raw, rewards, text = data["actions"], data.get("rewards"), data.get("text")
                 else:
                     raw = data
-                raw = np.asarray(raw)
+                # an empty JSON list would read as floats: keep it an (empty) list of ids
+                raw = np.asarray(raw) if raw != [] else np.zeros(0, dtype=np.int64)
         except (OSError, ValueError) as e:
             if isinstance(e, Malformed):
                 raise
