@@ -207,7 +207,9 @@ def test_debug_tiny_comes_after_the_recipe_and_keeps_smaller_values():
 
 
 def test_debug_tiny_keeps_a_clip_length_the_model_needs():
-    cfg = validate(compose_config(["debug=tiny", "model.temporal_downsample=2"]))
+    cfg = validate(
+        compose_config(["debug=tiny", "model.temporal_downsample=2", "data.clip_length=9"])
+    )
     assert cfg.data.clip_length == 5  # 4 would not fit: (T - 1) % 2 == 0
     cfg = validate(
         compose_config(["debug=tiny", "model=dynamics", "model.pipeline.tokenizer_checkpoint=x"])
