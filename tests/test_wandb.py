@@ -8,12 +8,15 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
+from worldmodel.media import plot_curve, save_grid
 from worldmodel.train.logging import flatten, log_eval, media_panels, wandb_identity
 
 # ----------------------------------------------------------------------- reading an offline run
@@ -56,6 +59,8 @@ def _records(path: Path):
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
+        if pos + length > len(data):  # a record still being written
+            return
         if kind == 0 and length == 0:
             pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
             continue
@@ -72,11 +77,21 @@ def _key(item) -> str:
     return item.key or "/".join(item.nested_key)
 
 
-def read_offline_run(folder: Path) -> OfflineRun:
-    run = OfflineRun(folder)
+def read_offline_run(folder: Path, wait_s: float = 60.0) -> OfflineRun:
+    """The run as its `.wandb` file holds it once complete: W&B's service process writes the
+    file on its own, and may still be writing when `finish()` has returned in this process, so
+    the file is read again until its last record (`exit`) is there."""
     (path,) = folder.glob("run-*.wandb")
-    for record in _records(path):
-        kind = record.WhichOneof("record_type")
+    deadline = time.monotonic() + wait_s
+    while True:
+        records = list(_records(path))
+        kinds = [r.WhichOneof("record_type") for r in records]
+        if "exit" in kinds or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "exit" in kinds, f"{path} has no exit record after {wait_s} s"
+    run = OfflineRun(folder)
+    for record, kind in zip(records, kinds, strict=True):
         if kind == "run":
             r = record.run
             run.id, run.name, run.group = r.run_id, r.display_name, r.run_group
@@ -244,6 +259,40 @@ def test_identity_of_a_plain_run_and_of_an_eval():
         "tags": ["mine", "smoke_lam", "lam"],
     }
     assert wandb_identity({**config, "task": "eval"})["job_type"] == "eval"
+
+
+def test_task_eval_is_a_run_of_its_own_linked_to_its_training_run(tmp_path):
+    trained = tmp_path / "train"
+    (trained / "checkpoints").mkdir(parents=True)
+    (trained / "wandb_id.txt").write_text("abc123")
+    eval_dir = tmp_path / "eval"
+    plot = plot_curve([1, 2], {"model": [20.0, 18.0]}, eval_dir / "rollout_psnr.png")
+    grid = save_grid([torch.zeros(1, 3, 2, 8, 8)], eval_dir / "next_frame.png")
+    result = {
+        "model": "dynamics",
+        "step": 7,
+        "checkpoint": str(trained / "checkpoints" / "last.pt"),
+        "num_clips": 4,
+        "metrics": {"psnr": 21.5, "rollout_psnr": [20.0, 18.0], "action_source": "true"},
+        "media": {"rollout_psnr_plot": plot.name, "next_frame_grid": grid.name},
+    }
+    config = {
+        "name": "smoke_dynamics",
+        "task": "eval",
+        "model": {"name": "dynamics"},
+        "data": {"env_name": "coinrun"},
+        "logger": {"name": "wandb", "mode": "offline", "log_media": True},
+    }
+    log_eval(config, result, eval_dir)
+    (run,) = offline_runs(eval_dir).values()
+    assert (run.name, run.job_type, run.group) == ("smoke_dynamics", "eval", "")
+    assert "train_wandb_id" in run.config_keys
+    assert run.summary["eval/psnr"] == 21.5 and run.summary["eval/rollout_psnr/1"] == 18.0
+    assert run.summary["eval/step"] == 7 and run.summary["eval/action_source"] == "true"
+    assert {"eval/media/rollout_psnr_plot/path", "eval/media/next_frame_grid/path"} <= set(
+        run.summary
+    )
+    assert len(run.media("images")) == 2
 
 
 def test_a_failing_wandb_costs_the_evaluation_nothing(tmp_path, caplog):

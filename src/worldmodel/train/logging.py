@@ -191,8 +191,8 @@ def flatten(value: Any, prefix: str) -> dict[str, Any]:
 
 
 def media_panels(media: Mapping[str, str | Path], root: Path) -> dict[str, Path]:
-    """eval.json's media (paths relative to `root`) as `eval/media/<kind>` panels: PNGs as images, an
-    MP4 as a video, a GIF only where no MP4 of the same clip exists."""
+    """eval.json's media (paths relative to `root`) as `eval/media/<kind>` panels: PNGs as
+    images, an MP4 as a video, a GIF only where no MP4 of the same clip exists."""
     paths = {str(k): root / v for k, v in media.items() if (root / v).is_file()}
     panels = {}
     for key, path in paths.items():
@@ -214,6 +214,18 @@ def _wandb_media(panels: Mapping[str, Path]) -> dict[str, Any]:
     }
 
 
+def _trained_by(checkpoint: str | None) -> str | None:
+    """The W&B id of the training run that wrote a checkpoint (`<run>/checkpoints/last.pt`, or
+    a run folder), None when it had none."""
+    if not checkpoint:
+        return None
+    path = Path(checkpoint)
+    for folder in (path, path.parent, path.parent.parent):
+        if (folder / "wandb_id.txt").is_file():
+            return (folder / "wandb_id.txt").read_text().strip()
+    return None
+
+
 def log_eval(
     cfg: DictConfig | Mapping[str, Any], result: Mapping[str, Any], run_dir: str | Path
 ) -> None:
@@ -221,10 +233,11 @@ def log_eval(
     pictures (reconstruction and next-frame grids, rollout videos real | generated, PSNR and
     ΔtPSNR plots, the LAM's confusion matrix) as media at the checkpoint's step.
 
-    After training (the run folder holds the training run's `wandb_id.txt`) the eval run is
-    `<training run>/eval` in the training run's group, `job_type=eval`, and its config names the
-    training run (`train_wandb_id`). Nothing happens unless `logger.name=wandb`; a failure is a
-    warning.
+    After training (`eval.after_train`, every pipeline stage) the eval run is `<training
+    run>/eval` in the training run's group, `job_type=eval`; `task=eval` is a run of its own
+    (`job_type=eval`). Either way its config names the training run that wrote the checkpoint
+    (`train_wandb_id`) when that run had one. Nothing happens unless `logger.name=wandb`; a
+    failure is a warning.
     """
     if (cfg.get("logger") or {}).get("name") != "wandb":
         return
@@ -233,13 +246,13 @@ def log_eval(
         config = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         logger_cfg = config["logger"]
         identity = wandb_identity(config)
-        train_id_file = run_dir / "wandb_id.txt"
-        extra: dict[str, Any] = {}
         if identity["job_type"] != "eval":  # evaluation of what this run folder trained
             identity["name"] = f"{identity['name']}/eval"
             identity["job_type"] = "eval"
-            if train_id_file.exists():
-                extra["train_wandb_id"] = train_id_file.read_text().strip()
+        extra: dict[str, Any] = {}
+        trained_by = _trained_by(result.get("checkpoint"))
+        if trained_by is not None:
+            extra["train_wandb_id"] = trained_by
         run_id = uuid.uuid4().hex[:12]
         (run_dir / "wandb_eval_id.txt").write_text(run_id)
         run = _init_wandb(logger_cfg, {**config, **extra}, run_dir, run_id, **identity)
