@@ -327,6 +327,24 @@ def test_bad_policy_targets_fail_clearly(tmp_path, researcher):
         source({"_target_": f"{researcher}.too_large"}).prepare()
 
 
+def test_validate_names_a_bad_policy_before_any_work(tmp_path):
+    from conftest import compose_config
+
+    from worldmodel.config import ConfigError, validate
+
+    bad = "data.policy={_target_:worldmodel.data.policies.RunRight,jmp:0.5}"
+    with pytest.raises(ConfigError, match=r"data.policy.jmp: not a parameter of .*RunRight"):
+        validate(compose_config([bad]))
+    six = save_policy_net(PolicyNet(6, width=8, depth=2), tmp_path / "six.safetensors")
+    network = f"data.policy={{_target_:{CHECKPOINT},path:'{six}'}}"
+    with pytest.raises(ConfigError, match="six.safetensors: the network chooses among 6 actions"):
+        validate(compose_config([network]))
+    validate(compose_config(["data=atari", network]))  # Pong has 6 actions too
+    missing = f"data.policy={{_target_:{CHECKPOINT},path:'{tmp_path}/none.pt'}}"
+    with pytest.raises(ConfigError, match="data.policy: policy checkpoint .*none.pt: no such file"):
+        validate(compose_config(["data=atari", missing]))
+
+
 # -- cache keys ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["procgen", "atari"])
 def test_default_policy_keeps_the_cache_key(name, tmp_path):

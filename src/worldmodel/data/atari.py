@@ -14,7 +14,12 @@ from typing import Any
 import numpy as np
 
 from worldmodel.data.frames import check_crop, resize_frames
-from worldmodel.data.policies import HeldRandomPolicy, checked_actions, make_policy
+from worldmodel.data.policies import (
+    HeldRandomPolicy,
+    checked_actions,
+    make_policy,
+    policy_problems,
+)
 from worldmodel.data.shards import CacheWriter, SplitWriter
 from worldmodel.data.source import Source
 
@@ -177,9 +182,11 @@ class AtariSource(Source):
 
 
 def check_config(data: Any) -> list[str]:
-    """What `validate` reports about an ALE data config before any work: the game's name."""
+    """What `validate` reports about an ALE data config before any work: the game's name and
+    the recording policy."""
+    problems = policy_problems(data.get("policy"))
     try:
         ale_env_id(str(data.get("game")))
     except ValueError as e:
-        return [f"data.game={data.get('game')!r}: {e}"]
-    return []
+        problems.append(f"data.game={data.get('game')!r}: {e}")
+    return problems

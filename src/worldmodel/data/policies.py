@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
+from omegaconf import OmegaConf
 
 # procgen's buttons (env.get_combos()) with a distinct effect in CoinRun, by name
 COINRUN_MOVES = {"left": 1, "left+jump": 2, "noop": 4, "jump": 5, "right": 7, "right+jump": 8}
@@ -213,6 +214,24 @@ class PolicySpec:
 def make_policy(node: Mapping[str, Any] | None) -> PolicySpec | None:
     """The checked `data.policy` node (None = the held random policy)."""
     return None if node is None else PolicySpec(node)
+
+
+def policy_problems(node: Any, num_actions: int | None = None) -> list[str]:
+    """What `validate` reports about a `data.policy` node before any work (empty: none): an
+    unimportable target, unknown settings, an unreadable or mismatched checkpoint, and (given
+    the game's `num_actions`) a policy that cannot be built for it."""
+    if node is None:
+        return []
+    if OmegaConf.is_config(node):
+        node = OmegaConf.to_container(node, resolve=True)
+    try:
+        spec = PolicySpec(node)
+        if num_actions is not None:
+            spec.build(num_actions, 1, 0)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        message = str(e)
+        return [message if message.startswith("data.policy") else f"data.policy: {message}"]
+    return []
 
 
 def checked_actions(actions: Any, num_envs: int, num_actions: int, name: str) -> np.ndarray:

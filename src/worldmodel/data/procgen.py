@@ -19,7 +19,12 @@ import numpy as np
 
 from worldmodel.data.frames import resize_frames
 from worldmodel.data.policies import COINRUN_MOVES as COINRUN_MOVES  # named here before
-from worldmodel.data.policies import HeldRandomPolicy, checked_actions, make_policy
+from worldmodel.data.policies import (
+    HeldRandomPolicy,
+    checked_actions,
+    make_policy,
+    policy_problems,
+)
 from worldmodel.data.shards import CacheWriter, SplitWriter
 from worldmodel.data.source import Source
 
@@ -279,8 +284,12 @@ class ProcgenSource(Source):
 
 
 def check_config(data: Any) -> list[str]:
-    """What `validate` reports about a procgen data config before any work: the game's name."""
+    """What `validate` reports about a procgen data config before any work: the game's name
+    and the recording policy."""
+    problems = policy_problems(data.get("policy"), PROCGEN_NUM_ACTIONS)
     name = data.get("env_name")
     if name not in PROCGEN_GAMES:
-        return [f"data.env_name={name!r}: not a procgen game (valid: {', '.join(PROCGEN_GAMES)})"]
-    return []
+        problems.append(
+            f"data.env_name={name!r}: not a procgen game (valid: {', '.join(PROCGEN_GAMES)})"
+        )
+    return problems
