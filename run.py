@@ -3,7 +3,10 @@
 python run.py                                   # train the tokenizer on CoinRun
 python run.py model=dynamics trainer=ddp        # any group, any override
 python run.py task=eval checkpoint=PATH data=atari
+python run.py --help                            # tasks, config groups, recipes, examples
 python run.py experiment=demo task=check        # every stage's config, validated; trains nothing
+python run.py experiment=demo debug=tiny        # any recipe shrunk to run end to end in minutes
+python run.py -m experiment=smoke_tokenizer search=optuna   # a hyper-parameter search (Optuna)
 python run.py -m cluster=slurm optim.lr=1e-4,3e-4
 torchrun --nproc_per_node=4 run.py trainer=gpu  # the processes share one run folder
 """

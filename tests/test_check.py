@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import CONF, ROOT, compose_config
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
 from worldmodel.config import LR_SCHEDULES, NORMS, TASKS, ConfigError, validate
@@ -254,3 +256,19 @@ def test_search_optuna_runs_its_trials_and_writes_the_study(tmp_path):
         overrides = (tmp_path / trial / ".hydra" / "overrides.yaml").read_text()
         assert "optim.lr=" in overrides
         assert (tmp_path / trial / "checkpoints" / "last.pt").exists()
+
+
+def test_a_search_needs_a_run_that_returns_its_loss():
+    """The objective is what `task=train` returns: a pipeline or `task=eval` under search=optuna
+    is rejected before its first trial works."""
+    overrides = ["experiment=smoke_genie", "search=optuna"]
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(hydra_cfg)
+    try:
+        assert hydra_cfg.hydra.sweeper.n_trials == 20
+        with pytest.raises(ConfigError, match="search=optuna with task=pipeline"):
+            validate(compose_config(overrides))
+        validate(compose_config(["experiment=smoke_tokenizer", "search=optuna"]))
+    finally:
+        HydraConfig.instance().cfg = None

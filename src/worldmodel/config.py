@@ -342,6 +342,12 @@ def _check_launch(cfg: DictConfig, errors: list[str]) -> None:
             f"cluster={name} submits jobs through Hydra's launcher, which only runs with -m: "
             f"python run.py -m cluster={name} ... (one job per run of the sweep)"
         )
+    search = HydraConfig.get().runtime.choices.get("search") if HydraConfig.initialized() else None
+    if search and search != "null" and cfg.task != "train":
+        errors.append(
+            f"search={search} with task={cfg.task}: a search's objective is the validation loss "
+            "that task=train returns (search one stage of a recipe with its own overrides)"
+        )
 
 
 def _cap(node: DictConfig, caps: Mapping[str, Any]) -> None:
