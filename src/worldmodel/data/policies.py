@@ -41,7 +41,8 @@ RECORDER_ARGS = ("num_actions", "num_envs", "seed")
 class Policy(ABC):
     """Chooses the actions of `num_envs` environments stepped together, one step at a time.
 
-    Subclasses take `(num_actions, num_envs, seed, **settings)` in their constructor.
+    One named by `data.policy` takes `(num_actions, num_envs, seed, **settings)` in its
+    constructor; `HeldRandomPolicy`, the default, is built by the recorders from their own keys.
     """
 
     @abstractmethod
