@@ -89,8 +89,9 @@ sweep: setup
 
 # JupyterLab on the ablation notebook (NB=path for another), with this clone's kernel; jupyterlab
 # comes with the lock. On a remote machine: make notebook ARGS="--no-browser --port 8888".
+# As root (containers) JupyterLab refuses to start without --allow-root.
 notebook: setup
-	$(PY) -m jupyterlab $(NB) $(ARGS)
+	$(PY) -m jupyterlab $(NB) $(if $(filter 0,$(shell id -u)),--allow-root) $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .ruff_cache
