@@ -123,6 +123,7 @@ def test_the_environment_is_the_lock():
 def test_jupyter_lab_runs_in_the_environment():
     """jupyterlab comes with the lock; `make notebook` runs it with this clone's interpreter."""
     jupyter = Path(sys.executable).parent / "jupyter"
+    assert jupyter.exists(), f"no {jupyter}: jupyterlab comes with the lock (run `make setup`)"
     done = subprocess.run(
         [jupyter, "lab", "--version"], capture_output=True, text=True, timeout=120
     )
