@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from conftest import CONF, ROOT, compose_config
 from hydra import compose, initialize_config_dir
@@ -23,6 +24,7 @@ from worldmodel.config import LR_SCHEDULES, NORMS, TASKS, ConfigError, validate
 from worldmodel.data import procgen
 from worldmodel.data.procgen import PROCGEN_GAMES
 from worldmodel.models.tokenizer import FrameNorm
+from worldmodel.tasks import pipeline
 from worldmodel.tasks.train import train_task
 from worldmodel.train.optim import LRSchedule
 
@@ -162,14 +164,17 @@ def assert_tiny(cfg, label: str) -> None:
     caps = TINY["caps"]
     for key in ("max_steps", "batch_size", "val_batches", "val_every", "ckpt_every"):
         assert cfg.trainer[key] <= caps["trainer"][key], f"{label}: trainer.{key}"
-    assert cfg.data.train_frames <= caps["data"]["train_frames"], label
-    assert cfg.data.val_frames <= caps["data"]["val_frames"], label
+    frames = [k for k in caps["data"] if k.endswith(("_frames", "_per_game")) and k in cfg.data]
+    assert frames, f"{label}: no recorded frames capped"
+    for key in frames:
+        assert cfg.data[key] <= caps["data"][key], f"{label}: data.{key}"
     assert cfg.eval.batches <= caps["eval"]["batches"], label
     model = cfg.model
     for key in ("dim", "depth", "enc_depth", "dec_depth", "num_mid_blocks", "refiner_width"):
         if key in model:
             assert model[key] <= TINY["model"][key], f"{label}: model.{key}"
-    for width in model.get("channels") or []:
+    channels = model.get("channels") or []
+    for width in [channels] if isinstance(channels, int) else channels:
         assert width <= TINY["model"]["channels"], label
 
 
@@ -196,6 +201,25 @@ def test_debug_tiny_shrinks_every_stage_of_the_demo(tmp_path):
     tokenizer = OmegaConf.create(yaml.safe_load(parts[0].split("\n", 1)[1]))
     assert list(tokenizer.model.channels) == [16, 16]  # the recipe's [64, 128], each level capped
     assert not (tmp_path / "run" / "tokenizer").exists() and not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_debug_tiny_shrinks_every_recipe(experiment, tmp_path, monkeypatch):
+    """Each recipe, and each stage of a pipeline (given `debug=tiny` as run.py's command line
+    passes it on), composes, validates and comes out at the tiny sizes."""
+    cfg = compose_config([f"experiment={experiment}", "debug=tiny"], run_dir=tmp_path)
+    if cfg.trainer.accelerator == "cuda" and not torch.cuda.is_available():
+        pytest.skip(f"experiment={experiment} runs on CUDA")
+    validate(cfg)
+    if not cfg.get("stages"):
+        assert_tiny(cfg, experiment)
+        return
+    monkeypatch.setattr(pipeline, "_command_line_overrides", lambda: ["debug=tiny"])
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        stages = pipeline.compose_stages(cfg)
+    assert len(stages) == len(cfg.stages)
+    for stage in stages:
+        assert_tiny(stage.cfg, f"{experiment}: {stage.label}")
 
 
 def test_debug_tiny_comes_after_the_recipe_and_keeps_smaller_values():
