@@ -15,6 +15,7 @@ ARGS ?=
 
 .PHONY: setup demo play test test-fast gpu-check lint format bench sweep notebook clean
 
+# Setups on one machine take turns (flock), so two clones never build one environment at once.
 setup:
 	@set -euo pipefail; \
 	mkdir -p "$(VENV_CACHE)"; \
@@ -28,7 +29,6 @@ setup:
 	    echo "setup: $(VENV_DIR) must not contain worldmodel" >&2; exit 1; fi; \
 	  touch "$(VENV_DIR)/.complete"; \
 	fi; \
-	flock -u 9; \
 	stamp="$(VENV_DIR) $(CURDIR)"; \
 	if [ -L .venv ] || [ "$$(cat .venv/worldmodel-env 2>/dev/null)" != "$$stamp" ]; then \
 	  echo "setup: making .venv over $(VENV_DIR)"; \
