@@ -216,6 +216,16 @@ def launch(fn: Callable[..., Any], devices: int, *args: Any) -> Any:
 def init_process_group(env: DistEnv, backend: str, accelerator: str) -> torch.device:
     """Join the process group (when there is more than one process) and pick the device."""
     if accelerator == "cuda":
+        visible = torch.cuda.device_count()
+        if env.local_rank >= visible:
+            raise RuntimeError(
+                f"trainer.accelerator=cuda: process {env.local_rank} of {env.local_world_size} "
+                f"on this machine needs CUDA device {env.local_rank}, but "
+                f"{'none is' if visible == 0 else f'only {visible} are'} visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                "set trainer.devices (or the launcher's processes per node) to at most the GPUs, "
+                "or trainer.accelerator=cpu"
+            )
         device = torch.device("cuda", env.local_rank)
         torch.cuda.set_device(device)
     else:

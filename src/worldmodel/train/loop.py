@@ -37,7 +37,7 @@ from worldmodel.models.interfaces import LatentActions, Tokenizer
 from worldmodel.pipeline import build_datasets
 from worldmodel.runtime import autocast, set_threads
 from worldmodel.train import checkpoint as ckpt
-from worldmodel.train import dist
+from worldmodel.train import dist, parallel
 from worldmodel.train.logging import MetricsLogger, ProgressBar, run_log, setup_logging
 from worldmodel.train.optim import EMA, LRSchedule, adamw
 from worldmodel.train.sampler import ResumableSampler
@@ -100,18 +100,33 @@ class Run:
     step: int = 0  # optimizer steps taken
     batches: int = 0  # global batches consumed; a skipped step consumes its batch too
     nonfinite_total: int = 0
+    sharded: bool = False  # FSDP (trainer.strategy=fsdp): parameters are DTensor shards
 
     def set_lr(self, factor: float) -> None:
         for group in self.opt.param_groups:
             group["lr"] = self.peak_lr * factor
 
 
-def setup(cfg: DictConfig, device: torch.device, manager: ckpt.CheckpointManager) -> Run:
+def setup(
+    cfg: DictConfig,
+    device: torch.device,
+    manager: ckpt.CheckpointManager,
+    env: dist.DistEnv | None = None,
+) -> Run:
     """Model, data, optimizers, LR schedule and EMA, resumed from the newest checkpoint of
-    `manager` when there is one, else with weights from `cfg.checkpoint` when given."""
+    `manager` when there is one, else with weights from `cfg.checkpoint` when given. Under
+    `trainer.strategy=fsdp` (several processes) the model is sharded before the optimizers are
+    built, and the EMA weights are sharded like it."""
     tr = cfg.trainer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)  # every rank the same weights: the seed is shared
+    if tr.get("activation_checkpointing"):
+        n = parallel.checkpoint_activations(model)
+        log.info("activation checkpointing on %d transformer blocks", n)
+    sharded = env is not None and env.distributed and tr.get("strategy", "ddp") == "fsdp"
+    if sharded:
+        n = parallel.shard(model, bf16=tr.precision == "bf16")
+        log.info("FSDP over %d ranks: %d transformer blocks and the root", env.world_size, n)
     train_ds, val_ds = build_datasets(cfg, device)
     clock = Clock()  # the budget counts from here: recording data the first time is not training
     disc = getattr(model, "discriminator", None)
@@ -141,19 +156,22 @@ def setup(cfg: DictConfig, device: torch.device, manager: ckpt.CheckpointManager
         schedule=schedule,
         ema=EMA(model, tr.ema_decay) if tr.ema_decay else None,
         clock=clock,
+        sharded=sharded,
     )
     run.set_lr(schedule.factor)
 
     state = manager.latest()
     if state is not None:
         ckpt.check_compatible(state, model, str(manager.folder))
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])  # with the learning rate of the next step
+        parallel.load_model_state(model, state["model"], sharded)
+        # with the learning rate of the next step
+        parallel.load_optimizer_state(model, opt, state["optimizer"], sharded)
         schedule.load_state_dict(state["scheduler"])
         if disc_opt is not None and state.get("disc_optimizer"):
             disc_opt.load_state_dict(state["disc_optimizer"])
         if run.ema is not None and state.get("ema"):
-            run.ema.load_state_dict(state["ema"])
+            ema = state["ema"]
+            run.ema.load_state_dict(parallel.shard_like(ema, run.ema.shadow) if sharded else ema)
         run.step = int(state["step"])
         # checkpoints from before batches were counted: one batch per step
         run.batches = int(state.get("data_position", {}).get("batches", run.step))
@@ -164,7 +182,7 @@ def setup(cfg: DictConfig, device: torch.device, manager: ckpt.CheckpointManager
     elif cfg.get("checkpoint"):
         init = ckpt.load(cfg.checkpoint)
         ckpt.check_compatible(init, model, str(cfg.checkpoint))
-        model.load_state_dict(init["model"])
+        parallel.load_model_state(model, init["model"], sharded)
         log.info("initialized weights from %s", cfg.checkpoint)
     return run
 
@@ -192,7 +210,8 @@ def train_batches(run: Run, env: dist.DistEnv, device: torch.device) -> Iterator
 
 
 class LossModule(nn.Module):
-    """Routes `forward` to `model.loss` so DDP's gradient hooks see the call."""
+    """Routes `forward` to `model.loss` so DDP's gradient hooks see the call (FSDP's see it
+    through `parallel.shard`'s registration of `loss`)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -203,17 +222,20 @@ class LossModule(nn.Module):
         return self.model.loss(batch, step=step) if self.takes_step else self.model.loss(batch)
 
 
-def wrap(model: nn.Module, env: dist.DistEnv, compile: bool = False) -> nn.Module:
-    """`model.loss` as a module, under DDP when there are several processes, compiled on request.
+def wrap(
+    model: nn.Module, env: dist.DistEnv, compile: bool = False, sharded: bool = False
+) -> nn.Module:
+    """`model.loss` as a module, under DDP when there are several processes and the model is not
+    `sharded` (FSDP: `parallel.shard` already made it distributed), compiled on request.
 
     DDP leaves buffers alone (`broadcast_buffers=False`): broadcasting rank 0's at every forward
     would overwrite the EMA codebooks the other ranks just updated. The codebooks all-reduce their
     statistics instead (models/quantize.py), so every rank computes the same buffers. A GAN's
     discriminator is left out of DDP: its loss runs outside the wrapped forward, and the loop
-    averages its gradients itself.
+    averages its gradients itself. FSDP leaves buffers alone too.
     """
     wrapped: nn.Module = LossModule(model)
-    if env.distributed:
+    if env.distributed and not sharded:
         disc = getattr(model, "discriminator", None)
         if disc is not None:
             ids = {id(p) for p in disc.parameters()}
@@ -246,7 +268,9 @@ def train_step(
     frames = 0
     for micro in range(accum):
         batch = next(batches)
-        local = env.distributed and micro < accum - 1  # gradients all-reduce on the last one
+        # DDP: gradients all-reduce on the last micro-batch only. FSDP reduce-scatters after
+        # each one, so only sharded gradients are ever kept (memory over traffic).
+        local = env.distributed and not run.sharded and micro < accum - 1
         with wrapped.no_sync() if local else nullcontext():
             with autocast(device, tr.precision == "bf16"):
                 loss, metrics = wrapped(batch, run.step)
@@ -257,12 +281,13 @@ def train_step(
     run.batches += 1
 
     # DDP averaged the gradients, so the norm is the same on every rank; the loss is not.
-    norm = _grad_norm(run.gen_params)
+    # Under FSDP the norm is over every rank's shards (a DTensor, `norm` is its full value).
+    clip_norm, norm = parallel.grad_norm(run.gen_params)
     if dist.any_rank(not (math.isfinite(sums["loss"]) and math.isfinite(norm)), device):
         run.opt.zero_grad(set_to_none=True)
         return None
     if tr.grad_clip:
-        torch.nn.utils.clip_grads_with_norm_(run.gen_params, float(tr.grad_clip), norm)
+        torch.nn.utils.clip_grads_with_norm_(run.gen_params, float(tr.grad_clip), clip_norm)
     run.opt.step()
     run.opt.zero_grad(set_to_none=True)
     if run.disc_opt is not None:
@@ -401,16 +426,23 @@ def _validation_media(
 
 def save(run: Run, manager: ckpt.CheckpointManager, env: dist.DistEnv) -> None:
     """Rank 0 writes everything needed to continue exactly: weights, optimizers, the schedule's
-    position, EMA, step, batches consumed, RNG, wall time used, the config."""
+    position, EMA, step, batches consumed, RNG, wall time used, the config. Under FSDP every rank
+    first takes part in gathering the whole weights, optimizer state and EMA weights: the file is
+    the same as a single process writes (see train/parallel.py)."""
+    model = parallel.full_model_state(run.model, run.sharded)
+    optimizer = parallel.full_optimizer_state(run.model, run.opt, run.sharded)
+    ema = run.ema.state_dict() if run.ema is not None else None
+    if ema is not None and run.sharded:
+        ema = parallel.full_tensors(ema)
     if not env.is_main:
         return
     batches_per_epoch = len(run.train_ds) // int(run.cfg.trainer.batch_size)
     state = {
-        "model": run.model.state_dict(),
-        "optimizer": run.opt.state_dict(),
+        "model": model,
+        "optimizer": optimizer,
         "scheduler": run.schedule.state_dict(),
         "disc_optimizer": run.disc_opt.state_dict() if run.disc_opt is not None else None,
-        "ema": run.ema.state_dict() if run.ema is not None else None,
+        "ema": ema,
         "step": run.step,
         "nonfinite_total": run.nonfinite_total,
         "elapsed_s": run.clock.elapsed(),
@@ -449,7 +481,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device) -> float | 
     budget_s = float(tr.max_minutes) * 60 if tr.max_minutes else None
     run_dir = Path(cfg.run_dir)
     manager = ckpt.CheckpointManager(run_dir / "checkpoints", tr.keep_last)
-    run = setup(cfg, device, manager)
+    run = setup(cfg, device, manager, env)
     n_params = sum(p.numel() for p in run.model.parameters())
     log.info(
         "%s: %.2fM parameters, %d train / %d val clips, %d torch threads per process",
@@ -460,7 +492,7 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device) -> float | 
         torch.get_num_threads(),
     )
     batches = train_batches(run, env, device)
-    wrapped = wrap(run.model, env, bool(tr.compile))
+    wrapped = wrap(run.model, env, bool(tr.compile), sharded=run.sharded)
     logger = None
     if env.is_main:
         config = OmegaConf.to_container(cfg)
@@ -514,7 +546,9 @@ def _train(cfg: DictConfig, env: dist.DistEnv, device: torch.device) -> float | 
                 loss = row["train/loss"]
             bar.update(step, elapsed, loss)
             if step % int(tr.val_every) == 0 or finishing:
-                media = step % int(tr.media_every) == 0 or finishing
+                # FSDP: media are drawn on rank 0 alone, which cannot gather the weights
+                # (task=eval draws them from the checkpoint)
+                media = (step % int(tr.media_every) == 0 or finishing) and not run.sharded
                 val_loss = validate(run, device, logger, media=media)
             if step % int(tr.ckpt_every) == 0 or finishing:
                 save(run, manager, env)
