@@ -14,20 +14,26 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
+from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 from worldmodel.build import build_model
 from worldmodel.config import instantiate
 from worldmodel.data.clips import bundled_clips_folder
 from worldmodel.data.decode import probe, read_frames
+from worldmodel.data.stream import ShardWriter, read_shard
 from worldmodel.play.browser import measure
 from worldmodel.runtime import choose_threads
 from worldmodel.world import World
@@ -469,6 +475,111 @@ STREAM_WORKERS = int(os.environ.get("WORLDMODEL_BENCH_STREAM_WORKERS", 1))
 STREAM_SHARDS = 100
 
 
+def _synthetic_episode(rng: np.random.Generator, n: int, size: int = 64) -> np.ndarray:
+    """A game-like episode (n, H, W, 3) uint8: a map of 6 textured 8x8 tile kinds scrolling one
+    pixel every other frame under an 8x8 sprite on a random walk. zlib (level 1) shrinks it
+    about 12x, as it does CoinRun on its plain backdrop (7-9x with the picture backdrops)."""
+    palette = rng.integers(0, 256, (6, 1, 1, 3))
+    texture = np.clip(palette + rng.integers(-24, 25, (6, 8, 8, 3)), 0, 255).astype(np.uint8)
+    tiles = rng.integers(0, 6, (size // 8, (size + n // 2) // 8 + 1))
+    canvas = rearrange(texture[tiles], "y x h w c -> (y h) (x w) c")  # (H, W + n/2, 3)
+    frames = np.stack([canvas[:, t // 2 : t // 2 + size] for t in range(n)])  # (n, H, W, 3)
+    pos = np.clip(np.cumsum(rng.integers(-2, 3, (n, 2)), axis=0) + size // 2, 0, size - 8)
+    sprite = rng.integers(0, 256, 3, dtype=np.uint8)
+    for t, (y, x) in enumerate(pos):
+        frames[t, y : y + 8, x : x + 8] = sprite
+    return frames
+
+
+def case_stream(overrides: list[str], warmup: int, iters: int) -> dict:
+    """Streaming shards (`data=shards`) feeding the demo's tokenizer stage (its overrides in
+    conf/experiment/demo.yaml: batch 16 clips of 2 frames, 64x64, bf16). Writes
+    `STREAM_FRAMES` synthetic frames into `STREAM_SHARDS` tar shards (zlib by default) in a
+    temporary folder, deleted after. Times, side by side in alternating rounds, the model's
+    train step on a fixed batch and the same step fed by a DataLoader with `STREAM_WORKERS`
+    workers; `loader_share` is the time spent waiting for batches over the fed step time,
+    `loader_share_with_shard_loads` adds one shard's decoding spread over the micro-batches a
+    shard gives (a worker decodes a whole shard when it reaches it)."""
+    stages = OmegaConf.load(CONF / "experiment" / "demo.yaml").stages
+    stage = [o for o in stages.tokenizer.overrides if not o.startswith("trainer.max_minutes")]
+    folder = Path(tempfile.mkdtemp(prefix="worldmodel-bench-stream-"))
+    try:
+        episode = min(1000, max(16, STREAM_FRAMES // STREAM_SHARDS))
+        rng = np.random.default_rng(0)
+        writer = ShardWriter(folder, STREAM_FRAMES // STREAM_SHARDS, compress=STREAM_COMPRESS)
+        t0 = time.perf_counter()
+        for _ in range(STREAM_FRAMES // episode):
+            writer.add_episode(_synthetic_episode(rng, episode))
+        index = writer.finish()
+        write_s = time.perf_counter() - t0
+        disk = sum(s["bytes"] for s in index["shards"])
+
+        cfg = _compose([*stage, "data=shards", f"data.urls={folder}", *overrides])
+        model = build_model(cfg.model)
+        source = instantiate(cfg.data)
+        stream = source.stream()
+        batch_size = int(cfg.trainer.batch_size)
+        bf16 = cfg.trainer.precision == "bf16"
+        placed = stream.placed(0, batch_size, num_workers=STREAM_WORKERS)
+        loader = DataLoader(
+            placed,
+            batch_size=batch_size,
+            num_workers=STREAM_WORKERS,
+            persistent_workers=STREAM_WORKERS > 0,
+        )
+        it = iter(loader)
+        fixed = next(it)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step(batch: dict) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = model.loss(batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        for _ in range(max(warmup, 3)):
+            step(next(it))
+        n = max(iters, 10)  # steps per round and kind
+        alone, fed, wait = [], [], []
+        for _ in range(3):  # alternating rounds: both see the same machine load
+            alone += _timed(lambda: step(fixed), 0, n)
+            for _ in range(n):
+                t0 = time.perf_counter()
+                batch = next(it)
+                t1 = time.perf_counter()
+                step(batch)
+                fed.append(time.perf_counter() - t0)
+                wait.append(t1 - t0)
+        drain = _timed(lambda: next(it), 0, 3 * n)  # the loader alone, no model beside it
+        shard_s = _timed(lambda: read_shard(stream.shards[0], stream.frame_shape()), 0, 3)
+        per_shard = int(stream.shard_clips[0]) // batch_size  # micro-batches one shard gives
+        load_per_step = statistics.median(shard_s) / max(per_shard, 1)
+        return {
+            "frames": index["num_frames"],
+            "shards": len(index["shards"]),
+            "compress": STREAM_COMPRESS,
+            "disk_mb": disk / 2**20,
+            "raw_mb": index["num_frames"] * 64 * 64 * 3 / 2**20,
+            "write_s": write_s,
+            "write_frames_per_s": index["num_frames"] / write_s,
+            "batch": list(fixed["video"].shape),
+            "num_workers": STREAM_WORKERS,
+            "step_ms": statistics.median(alone) * 1e3,
+            "fed_step_ms": statistics.median(fed) * 1e3,
+            "wait_ms": statistics.median(wait) * 1e3,
+            "wait_ms_mean": statistics.mean(wait) * 1e3,
+            "loader_share": sum(wait) / sum(fed),
+            "fed_vs_alone": statistics.median(fed) / statistics.median(alone),
+            "loader_alone_clips_per_s": batch_size / statistics.median(drain),
+            "shard_decode_s": statistics.median(shard_s),
+            "loader_share_with_shard_loads": (sum(wait) / len(wait) + load_per_step)
+            / (sum(fed) / len(fed) + load_per_step),
+        }
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -486,6 +597,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "play_demo": case_play,
     "play_web": case_play_web,
     "contention": case_contention,
+    "stream": case_stream,
     "decode": case_decode,
     "cvivit_train_fp32": lambda o, w, i: case_cvivit("train_fp32", o, w, i),
     "cvivit_train_bf16": lambda o, w, i: case_cvivit("train_bf16", o, w, i),
