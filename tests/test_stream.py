@@ -283,3 +283,20 @@ def test_training_on_shards_stopped_and_resumed_gives_the_same_losses(tmp_path):
     resumed = train_losses(tmp_path / "split", [*data, "trainer.max_steps=12"])
     assert sorted(full) == sorted(resumed) == list(range(1, 13))
     assert all(resumed[s] == full[s] for s in range(10, 13)), (full, resumed)
+
+
+@pytest.mark.slow  # two gloo processes in each of three runs: over 2 min on 2 busy cores
+def test_two_gloo_ranks_on_shards_resume_exactly(tmp_path):
+    # Each rank streams its own block of the epoch through one worker; stopped at step 2 and
+    # resumed, the 2-rank run logs the losses the uninterrupted 2-rank run logged.
+    train_dir = tmp_path / "train"
+    writer = ShardWriter(train_dir, 20)
+    for frames, actions in episodes([10] * 12, size=32):
+        writer.add_episode(frames, actions)
+    writer.finish()
+    common = [f"data.urls={train_dir}", "trainer.devices=2", "trainer.num_workers=1"]
+    full = train_losses(tmp_path / "full", [*common, "trainer.max_steps=4"])
+    train_losses(tmp_path / "split", [*common, "trainer.max_steps=2"])
+    resumed = train_losses(tmp_path / "split", [*common, "trainer.max_steps=4"])
+    assert sorted(full) == sorted(resumed) == list(range(1, 5))
+    assert all(resumed[s] == full[s] for s in (3, 4)), (full, resumed)
