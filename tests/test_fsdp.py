@@ -103,7 +103,7 @@ def _codebooks(env: dist.DistEnv, out_dir: Path) -> None:
     try:
         torch.manual_seed(0)
         model = TwoClusters()
-        parallel.shard(model, bf16=False)
+        parallel.shard(model, torch.device("cpu"), bf16=False)
         wrapped = loop.wrap(model, env, sharded=True)
         g = torch.Generator().manual_seed(env.rank)
         for _ in range(8):
@@ -354,7 +354,7 @@ def test_fsdp_names_the_parameters_it_cannot_shard():
     model = TwoClusters()
     model.scale = nn.Parameter(torch.ones(()))  # 0-dim: FSDP2 shards along the first dimension
     with pytest.raises(ValueError, match=r"0-dim ones \(scale\)"):
-        parallel.shard(model, bf16=False)
+        parallel.shard(model, torch.device("cpu"), bf16=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")

@@ -119,14 +119,17 @@ def setup(
     built, and the EMA weights are sharded like it."""
     tr = cfg.trainer
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model).to(device)  # every rank the same weights: the seed is shared
+    model = build_model(cfg.model)  # every rank the same weights: the seed is shared
     if tr.get("activation_checkpointing"):
         n = parallel.checkpoint_activations(model)
         log.info("activation checkpointing on %d transformer blocks", n)
     sharded = env is not None and env.distributed and tr.get("strategy", "ddp") == "fsdp"
     if sharded:
-        n = parallel.shard(model, bf16=tr.precision == "bf16")
+        # built in host memory; each unit goes to the device as it is sharded, so no device
+        # ever holds the whole model
+        n = parallel.shard(model, device, bf16=tr.precision == "bf16")
         log.info("FSDP over %d ranks: %d transformer blocks and the root", env.world_size, n)
+    model = model.to(device)  # FSDP: what it leaves whole (a GAN's discriminator)
     train_ds, val_ds = build_datasets(cfg, device)
     clock = Clock()  # the budget counts from here: recording data the first time is not training
     disc = getattr(model, "discriminator", None)

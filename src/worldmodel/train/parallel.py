@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
@@ -79,11 +80,13 @@ def checkpoint_activations(model: nn.Module) -> int:
     return len(blocks)
 
 
-def shard(model: nn.Module, bf16: bool) -> int:
-    """Shard `model` in place over the default process group with FSDP2: each transformer block
-    a unit (bf16 parameters when `bf16`), then the root; returns the number of block units.
+def shard(model: nn.Module, device: torch.device, bf16: bool) -> int:
+    """Shard `model` in place over the default process group with FSDP2, the shards on `device`:
+    each transformer block a unit (bf16 parameters when `bf16`), then the root; returns the
+    number of block units.
 
-    Must run before the optimizer is built: the parameters become new `DTensor` parameters.
+    Must run before the optimizer is built: the parameters become new `DTensor` parameters. A
+    model in host memory moves to `device` one unit at a time, as each is sharded.
     """
     disc = getattr(model, "discriminator", None)
     ignored = set(disc.parameters()) if isinstance(disc, nn.Module) else set()
@@ -98,12 +101,15 @@ def shard(model: nn.Module, bf16: bool) -> int:
     blocks_policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
     )
+    # the ranks' devices, named: FSDP's default mesh is on CUDA whenever CUDA is there
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     blocks = transformer_blocks(model)
     # innermost first: a unit must be sharded before the unit that contains it
     for block in reversed(blocks):
-        fully_shard(block, mp_policy=blocks_policy)
+        fully_shard(block, mesh=mesh, mp_policy=blocks_policy)
     fully_shard(
         model,
+        mesh=mesh,
         mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False),
         ignored_params=ignored or None,
     )
