@@ -61,7 +61,7 @@ def test_every_requirement_is_pinned():
         "wandb",
         "einops",
         "timm",
-        "decord",
+        "av",
         "lpips",
         "submitit",
         "pytest",
