@@ -12,6 +12,7 @@ costs more than the runs themselves; each test reads what it needs from their fi
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -97,8 +98,9 @@ class TwoClusters(nn.Module):
 CENTERS = (3.0, -3.0)
 
 
-def _codebooks(env: dist.DistEnv, out_dir: Path) -> None:
-    """TwoClusters sharded with FSDP, 8 training forwards; each rank saves its codebook."""
+def _codebooks_and_shards(env: dist.DistEnv, out_dir: Path, lam: dict) -> None:
+    """TwoClusters sharded with FSDP, 8 training forwards; each rank saves its codebook. Then
+    the smoke LAM sharded: each rank saves how many parameter elements it holds."""
     dist.init_process_group(env, "gloo", "cpu")
     try:
         torch.manual_seed(0)
@@ -112,6 +114,12 @@ def _codebooks(env: dist.DistEnv, out_dir: Path) -> None:
             loss.backward()
         buffers = {k: v.clone() for k, v in model.quantizer.named_buffers()}
         torch.save(buffers, out_dir / f"codebook_rank{env.rank}.pt")
+
+        model = build_model(OmegaConf.create(lam).model)
+        total = sum(p.numel() for p in model.parameters())
+        parallel.shard(model, torch.device("cpu"), bf16=False)
+        held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
+        (out_dir / f"shard_rank{env.rank}.json").write_text(json.dumps([held, total]))
     finally:
         dist.destroy_process_group()
 
@@ -121,7 +129,8 @@ def _ranks(env: dist.DistEnv, runs: list[tuple[dict, int]], out_dir: str) -> Non
     torch.set_num_threads(1)
     for plain, port in runs:
         loop._worker(dataclasses.replace(env, master_port=port), plain)
-    _codebooks(dataclasses.replace(env, master_port=runs[-1][1] + 1), Path(out_dir))
+    env = dataclasses.replace(env, master_port=runs[-1][1] + 1)
+    _codebooks_and_shards(env, Path(out_dir), runs[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +240,19 @@ def test_fsdp_checkpoint_is_a_whole_single_process_checkpoint(runs):
     opt = adamw(model.named_parameters(), hp["lr"], hp["weight_decay"], hp["betas"])
     opt.load_state_dict(fsdp["optimizer"])
     assert len(opt.state) == len(fsdp["optimizer"]["state"])
+
+
+@pytest.mark.slow
+def test_each_rank_holds_half_the_parameters(runs):
+    (held0, total), (held1, _) = (
+        json.loads((runs / f"shard_rank{r}.json").read_text()) for r in (0, 1)
+    )
+    assert held0 + held1 == total  # every element on exactly one rank
+    assert max(held0, held1) <= 0.55 * total, (
+        held0,
+        held1,
+        total,
+    )  # rows split as evenly as they go
 
 
 @pytest.mark.slow
