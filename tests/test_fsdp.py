@@ -34,7 +34,7 @@ from worldmodel.tasks import pipeline
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train import dist, loop, parallel
 from worldmodel.train.logging import read_metrics
-from worldmodel.train.optim import adamw
+from worldmodel.train.optim import LRSchedule, adamw
 
 LAM = "experiment=smoke_lam"
 SMOKE = [
@@ -120,8 +120,51 @@ def _codebooks_and_shards(env: dist.DistEnv, out_dir: Path, lam: dict) -> None:
         parallel.shard(model, torch.device("cpu"), bf16=False)
         held = sum(p.to_local().numel() for p in model.parameters())  # this rank's shards
         (out_dir / f"shard_rank{env.rank}.json").write_text(json.dumps([held, total]))
+
+        _nonfinite_steps(env, out_dir)
     finally:
         dist.destroy_process_group()
+
+
+class Regression(nn.Module):
+    """A linear fit: the smallest model the loop's `train_step` can step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 1)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        return (self.lin(batch["x"]).squeeze(-1) - batch["y"]).pow(2).mean(), {}
+
+
+def _nonfinite_steps(env: dist.DistEnv, out_dir: Path) -> None:
+    """Three `loop.train_step`s of a sharded Regression; rank 1's second batch holds a NaN. Each
+    rank saves which steps were taken and its whole weights after each step."""
+    torch.manual_seed(0)
+    model = Regression()
+    parallel.shard(model, torch.device("cpu"), bf16=False)
+    cfg = OmegaConf.create({"trainer": {"grad_accum": 1, "precision": "fp32", "grad_clip": 1.0}})
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    run = loop.Run(
+        cfg, model, None, None, list(model.parameters()), opt, None, 0.1,
+        LRSchedule(0, 10, "constant"), None, loop.Clock(), sharded=True,
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(env.rank)
+    batches = []
+    for i in range(3):
+        x = torch.randn(8, 4, generator=g)  # (B, 4)
+        if i == 1 and env.rank == 1:
+            x[0, 0] = float("nan")
+        batches.append({"x": x, "y": x.sum(-1), "tokens": torch.zeros(8, 1)})
+    wrapped = loop.wrap(model, env, sharded=True)
+    taken, weights = [], []
+    stream = iter(batches)
+    for _ in range(3):
+        taken.append(loop.train_step(run, wrapped, stream, env, torch.device("cpu")) is not None)
+        weights.append(parallel.full_tensor(model.lin.weight))
+    torch.save(
+        {"taken": taken, "weights": weights, "step": run.step}, out_dir / f"nan_rank{env.rank}.pt"
+    )
 
 
 def _ranks(env: dist.DistEnv, runs: list[tuple[dict, int]], out_dir: str) -> None:
@@ -240,6 +283,16 @@ def test_fsdp_checkpoint_is_a_whole_single_process_checkpoint(runs):
     opt = adamw(model.named_parameters(), hp["lr"], hp["weight_decay"], hp["betas"])
     opt.load_state_dict(fsdp["optimizer"])
     assert len(opt.state) == len(fsdp["optimizer"]["state"])
+
+
+@pytest.mark.slow
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(runs):
+    for r in (0, 1):
+        out = torch.load(runs / f"nan_rank{r}.pt")
+        assert out["taken"] == [True, False, True] and out["step"] == 2, out
+        first, skipped, last = out["weights"]
+        assert torch.equal(first, skipped) and not torch.equal(skipped, last)
+        assert torch.isfinite(last).all()
 
 
 @pytest.mark.slow
