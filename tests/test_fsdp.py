@@ -1,7 +1,8 @@
-"""FSDP2 (`trainer.strategy=fsdp`) on 2 gloo processes on the CPU: the same losses as DDP, a
-stopped run resumed gives the uninterrupted losses, checkpoints are whole state dicts in the
-single-process format, EMA codebooks learn from every rank, and `validate` refuses what cannot
-run. The GPU-scale Genie recipe composes and validates here without training.
+"""FSDP2 (`trainer.strategy=fsdp`) on 2 gloo processes on the CPU: the same losses as DDP (fp32,
+bf16, a GAN), a stopped run resumed gives the uninterrupted losses, checkpoints are whole state
+dicts in the single-process format, each rank holds half the weights, EMA codebooks learn from
+every rank, a NaN on one rank skips the step on all, and `validate` refuses what cannot run. The
+GPU-scale Genie recipe composes and validates here without training.
 
 The 2-rank runs are the smoke LAM (space-time transformer blocks, a k-means initialised EMA VQ
 codebook, EMA weights) for 4 steps. They all run in one pair of spawned processes, one after the

@@ -3,8 +3,10 @@
 Read it top to bottom: `setup` builds the model, the data, the optimizers, the LR schedule and
 the EMA weights and resumes from `last.pt`; `train_step` takes one optimizer step; `validate`
 scores the fixed validation batches; `save` writes a checkpoint; `_train` is the loop that calls
-them. DDP, autocast (bf16 with fp32 weights) and `torch.compile` live here and nowhere else. A
-model with a `discriminator` (a GAN) gets a second optimizer for it, stepped after the generator.
+them. DDP, autocast (bf16 with fp32 weights) and `torch.compile` live here and nowhere else;
+FSDP (`trainer.strategy=fsdp`) and activation checkpointing are applied in `setup` from
+train/parallel.py. A model with a `discriminator` (a GAN) gets a second optimizer for it,
+stepped after the generator.
 
 Every rank runs every forward, validations included: EMA codebooks all-reduce their statistics
 (models/quantize.py), so all ranks must make the same quantizer calls. Rank 0 logs and saves.
