@@ -66,6 +66,10 @@ RUNS = [
     ("ddp_bf16", [LAM, "trainer.precision=bf16"]),
     ("fsdp_bf16", [LAM, "trainer.precision=bf16", "trainer.strategy=fsdp"]),
     ("ddp_gan", [*GAN, "trainer.precision=fp32", "trainer.max_steps=3"]),
+    # 2 micro-batches a step: DDP reduces once, FSDP after each (its sharded gradients add up)
+    ("ddp_accum", [LAM, "trainer.precision=fp32", "trainer.grad_accum=2", "trainer.max_steps=2"]),
+    ("fsdp_accum", [LAM, "trainer.precision=fp32", "trainer.grad_accum=2", "trainer.max_steps=2",
+                    "trainer.strategy=fsdp"]),
     ("fsdp_gan", [*GAN, "trainer.precision=fp32", "trainer.max_steps=3", "trainer.strategy=fsdp"]),
 ]  # fmt: skip
 # FSDP reduce-scatters where DDP all-reduces: the sums may come in another order (fp32
@@ -230,6 +234,13 @@ def test_fsdp_trains_a_gan_as_ddp_does(runs):
     assert state["disc_optimizer"]["state"].keys() == reference["disc_optimizer"]["state"].keys()
     for k, v in reference["model"].items():
         torch.testing.assert_close(state["model"][k], v, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_fsdp_accumulates_gradients_as_ddp_does(runs):
+    for key in ("train/loss", "train/grad_norm"):
+        ddp, fsdp = losses(runs / "ddp_accum", key), losses(runs / "fsdp_accum", key)
+        assert sorted(ddp) == [1, 2] and close(ddp, fsdp, FP32_RTOL), (key, ddp, fsdp)
 
 
 @pytest.mark.slow
