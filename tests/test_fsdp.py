@@ -183,8 +183,8 @@ def _ranks(env: dist.DistEnv, runs: list[tuple[dict, int]], out_dir: str) -> Non
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
-    """The folder holding one sub-folder per run of RUNS and the codebook files (~25 s on 2
-    idle cores, 70 s beside other work: the tests that read it are marked slow)."""
+    """The folder holding one sub-folder per run of RUNS and the codebook files (~35 s on 2
+    quiet cores, 70-110 s beside other work: the tests that read it are marked slow)."""
     root = tmp_path_factory.mktemp("fsdp")
     plain = []
     for name, overrides in RUNS:
