@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 from einops import rearrange
+from omegaconf import OmegaConf
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from worldmodel.data.dataset import ClipDataset
@@ -647,8 +648,10 @@ class ShardStream(_Clips, IterableDataset):
 def check_config(data: Any) -> list[str]:
     """Problems of a `data=shards` config, found before any work (asked by `config.validate`)."""
     errors = []
-    urls = data.get("urls") if "urls" in data else None
-    if urls is None or urls == "???":
+    if OmegaConf.is_missing(data, "urls"):
+        return errors  # `validate` names an unset `???` itself
+    urls = data.get("urls")
+    if urls is None:
         errors.append("data.urls: missing (a glob, folder or list of local shard paths)")
     for key, value in (("urls", urls), ("val_urls", data.get("val_urls"))):
         items = [value] if isinstance(value, str) else list(value or [])
