@@ -463,8 +463,9 @@ class ShardStream(_Clips, IterableDataset):
         shuffle_shards: consecutive shards (in the epoch's shard order) whose clips are shuffled
             together; a worker holds this many decoded shards at a time.
         on_corrupt: `error` stops at an unreadable shard, naming it; `skip` logs a warning,
-            counts it (`corrupt_shards`) and fills its clips' places with other clips of the same
-            window (the batch shapes and every other position stay as they were).
+            counts it (`corrupt_shards`, per worker process) and fills its clips' places with
+            the clips of the next readable shard in the epoch's order (batch shapes, every other
+            position and resumes stay as they were).
     """
 
     def __init__(
