@@ -304,12 +304,13 @@ def test_ddp_codebooks_learn_from_every_rank(tmp_path):
 # ---------------------------------------------------------------- threads
 
 
-def test_threads_null_is_this_process_share_of_the_cpus(monkeypatch):
+def test_threads_null_is_this_process_share_of_the_cpus(monkeypatch, tmp_path):
     # 6 CPUs and 3 ranks on this machine: 2 torch threads each.
     monkeypatch.setattr("worldmodel.runtime.available_cpus", lambda: 6)
     monkeypatch.setattr("worldmodel.runtime.idle_cpus", lambda: 6.0)  # an idle machine
     monkeypatch.setattr(loop, "_train", lambda *args: torch.get_num_threads())
-    plain = OmegaConf.to_container(compose_config(["trainer.threads=null"]), resolve=True)
+    cfg = compose_config(["trainer.threads=null"], run_dir=tmp_path)  # rank 0 writes run.log there
+    plain = OmegaConf.to_container(cfg, resolve=True)
     assert loop._worker(dist.DistEnv(local_world_size=3), plain) == 2
     assert loop._worker(dist.DistEnv(local_world_size=1), plain) == 6
 
