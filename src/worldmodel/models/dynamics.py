@@ -12,8 +12,10 @@ and is ignored by `loss`. With the default `cond_mode="adaln"` the same embeddin
 modulates every block's norms (see `models/st_transformer.py` for that and the other options).
 
 Training (Genie / MaskGIT): per clip a rate r ~ U(mask_rate_min, mask_rate_max); each token of
-frames >= `context_frames` is replaced by the mask token with probability r; cross-entropy on the
-masked positions only (the head runs on those positions only).
+frames >= `context_frames` is replaced by the mask token with probability r (`mask_strategy`
+random; `block` and `multiscale` hide round(r * N) tokens of each frame as one contiguous block or
+as coarse cells mixed with single tokens, see `models/masking.py`); cross-entropy on the masked
+positions only (the head runs on those positions only).
 
 Sampling: `generate_next` decodes one new frame in `steps` MaskGIT iterations (sample every masked
 token, keep the most confident ones, re-mask the rest following the schedule, feed the updated
@@ -36,10 +38,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from worldmodel.models.interfaces import WorldModel
-from worldmodel.models.masking import masked_ce
+from worldmodel.models.masking import (
+    check_mask_strategy,
+    draw_mask,
+    mask_strategy_problems,
+    masked_ce,
+)
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
 from worldmodel.models.st_transformer import KVCache, STTransformer, init_weights
 
@@ -116,10 +124,12 @@ class DynamicsModel(nn.Module, WorldModel):
         rel_pos_bias: bool = True,
         local_conv: bool = True,
         label_smoothing: float = 0.0,
+        mask_strategy: str = "random",
     ) -> None:
         super().__init__()
         if len(grid) != 2:
             raise ValueError(f"grid must be [h, w], got {grid}")
+        check_mask_strategy(mask_strategy, (int(grid[0]), int(grid[1])))
         if not 0.0 < mask_rate_min <= mask_rate_max <= 1.0:
             raise ValueError(
                 f"need 0 < mask_rate_min <= mask_rate_max <= 1, "
@@ -138,6 +148,7 @@ class DynamicsModel(nn.Module, WorldModel):
         self.mask_rate_max = mask_rate_max
         self.context_frames = context_frames
         self.label_smoothing = label_smoothing
+        self.mask_strategy = mask_strategy
 
         self.token_emb = nn.Embedding(vocab_size + 1, dim)
         self.action_emb = nn.Embedding(num_actions + 1, dim)
@@ -160,6 +171,12 @@ class DynamicsModel(nn.Module, WorldModel):
         self.head = nn.Linear(dim, vocab_size)
         for m in (self.token_emb, self.action_emb, self.head):
             m.apply(init_weights)
+
+    @staticmethod
+    def check_config(model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """What `validate` reports about this model's config: the training mask's strategy."""
+        strategy = model.get("mask_strategy", "random")
+        return mask_strategy_problems(strategy, list(model.get("grid") or (8, 8)))
 
     # ------------------------------------------------------------------ checks
     def _check_tokens(
@@ -249,7 +266,7 @@ class DynamicsModel(nn.Module, WorldModel):
         rate = torch.empty(b, 1, 1, device=x.device).uniform_(
             self.mask_rate_min, self.mask_rate_max
         )
-        masked = torch.rand(x.shape, device=x.device) < rate  # (B, T, N) Bernoulli(rate)
+        masked = draw_mask(rate, x.shape, self.grid, self.mask_strategy)  # (B, T, N)
         masked[:, : self.context_frames] = False
         masked &= real[:, :, None]
         if not bool(masked.any()):

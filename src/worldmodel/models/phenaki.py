@@ -23,6 +23,7 @@ probability `cond_drop_prob`; in sampling, logits = uncond + cond_scale * (cond 
 Training mask (MaskGIT): per clip a masked fraction r = cos(pi/2 * u), u ~ U(0, 1), of the tokens
 of the real frames; with probability `prime_prob` the first k ~ U{1..T-1} frames stay unmasked,
 which teaches continuing a video from its first frames (Phenaki's conditioning on past tokens).
+Which tokens hide: `mask_strategy` (random | block | multiscale, see `models/masking.py`).
 
 Sampling (`sample`): all tokens of the frames after the `prime_tokens` start masked; each of
 `steps` iterations samples every masked token, then re-masks the number the schedule leaves
@@ -51,13 +52,19 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
+from omegaconf import DictConfig
 from timm.layers import Mlp
 from torch import Tensor, nn
 
 from worldmodel.data.captions import captions_from_actions
 from worldmodel.models.dynamics import SCHEDULES, masked_counts
 from worldmodel.models.interfaces import TokenModel, WorldModel
-from worldmodel.models.masking import masked_ce
+from worldmodel.models.masking import (
+    check_mask_strategy,
+    draw_mask,
+    mask_strategy_problems,
+    masked_ce,
+)
 from worldmodel.models.sampling import gumbel_noise
 from worldmodel.models.st_transformer import (
     Attention,
@@ -236,6 +243,7 @@ class PhenakiModel(nn.Module, WorldModel):
         cond_drop_prob: float = 0.1,
         prime_prob: float = 0.3,
         label_smoothing: float = 0.0,
+        mask_strategy: str = "random",
     ) -> None:
         super().__init__()
         if len(grid) != 2:
@@ -246,6 +254,8 @@ class PhenakiModel(nn.Module, WorldModel):
             raise ValueError(f"cond_drop_prob={cond_drop_prob} must be in [0, 1)")
         if not 0.0 <= prime_prob <= 1.0:
             raise ValueError(f"prime_prob={prime_prob} must be in [0, 1]")
+        check_mask_strategy(mask_strategy, (int(grid[0]), int(grid[1])))
+        self.mask_strategy = mask_strategy
         self.vocab_size = vocab_size
         self.grid = (int(grid[0]), int(grid[1]))
         self.num_tokens = self.grid[0] * self.grid[1]
@@ -279,6 +289,12 @@ class PhenakiModel(nn.Module, WorldModel):
             m.apply(init_weights)
         for p in (self.pos_space, self.pos_time, self.null_text):
             nn.init.trunc_normal_(p, std=0.02)
+
+    @staticmethod
+    def check_config(model: DictConfig, data: DictConfig, ev: DictConfig) -> list[str]:
+        """What `validate` reports about this model's config: the training mask's strategy."""
+        strategy = model.get("mask_strategy", "random")
+        return mask_strategy_problems(strategy, list(model.get("grid") or (8, 8)))
 
     # ------------------------------------------------------------------ text
     def encode_text(self, texts: list[str]) -> TextContext:
@@ -459,7 +475,7 @@ class PhenakiModel(nn.Module, WorldModel):
         # MaskGIT: a cosine-distributed masked fraction per clip
         u = torch.rand(b, 1, 1, device=x.device)
         rate = torch.cos(math.pi / 2 * u)
-        masked = torch.rand(x.shape, device=x.device) < rate  # (B, T, N)
+        masked = draw_mask(rate, x.shape, self.grid, self.mask_strategy)  # (B, T, N)
         primed = torch.rand(b, device=x.device) < self.prime_prob
         k = torch.randint(1, max(t, 2), (b,), device=x.device)
         keep = (torch.arange(t, device=x.device)[None] < k[:, None]) & primed[:, None]  # (B, T)
@@ -726,8 +742,8 @@ class TokenCritic(nn.Module, TokenModel):
             )
         x = rearrange(tokens.long(), "b t h w -> b t (h w)")
         b = x.shape[0]
-        rate = torch.cos(math.pi / 2 * torch.rand(b, 1, 1, device=x.device))
-        masked = torch.rand(x.shape, device=x.device) < rate
+        rate = torch.cos(math.pi / 2 * torch.rand(b, 1, 1, device=x.device))  # (B, 1, 1)
+        masked = draw_mask(rate, x.shape, self.grid)  # (B, T, N) random, as MaskGIT samples
         with torch.no_grad():
             if self._generator:
                 gen = self._generator[0]
