@@ -29,7 +29,7 @@ RESERVED_KEYS = ("name", "pipeline")
 FORMER_OPTIM_KEYS = ("lr", "weight_decay", "betas", "warmup_steps")
 TASKS = ("train", "eval", "play", "pipeline", "check")
 PRECISIONS = ("fp32", "bf16")
-QUANTIZERS = ("fsq", "lfq", "vq", "rvq")
+QUANTIZERS = ("fsq", "lfq", "vq", "rvq", "gumbel")
 # Launchers whose cluster config only takes effect through Hydra's multirun (`-m`).
 SWEEP_CLUSTERS = ("slurm", "submitit_local")
 # `trainer.strategy` with several processes (train/parallel.py)
@@ -147,6 +147,14 @@ QUANTIZER_KEYS = {
     ),
     "vq": _VQ_KEYS,
     "rvq": (*_VQ_KEYS, "num_quantizers"),
+    "gumbel": (
+        "codebook_size",
+        "tau_start",
+        "tau_end",
+        "tau_anneal_steps",
+        "kl_weight",
+        "straight_through",
+    ),
 }
 
 
@@ -171,10 +179,33 @@ def quantizer_problems(q: DictConfig, key: str = "model.quantizer") -> list[str]
         size = int(q.get("codebook_size") or 0)
         if size < 2 or size & (size - 1):
             errors.append(f"{key}.codebook_size={size}: LFQ needs a power of two >= 2")
+    elif kind == "gumbel":
+        errors.extend(_gumbel_problems(q, key))
     else:
         size = int(q.get("codebook_size") or 0)
         if size < 2:
             errors.append(f"{key}.codebook_size={size}: {kind} needs at least 2 codes")
+    return errors
+
+
+def _gumbel_problems(q: DictConfig, key: str) -> list[str]:
+    """A gumbel quantizer's settings (`models/quantize.py` `GumbelQuantize`)."""
+    errors = []
+    size = q.get("codebook_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 2:
+        errors.append(f"{key}.codebook_size={size}: gumbel needs an int >= 2 codes")
+    for name in ("tau_start", "tau_end"):
+        tau = q.get(name, 1.0)
+        if isinstance(tau, bool) or not isinstance(tau, int | float) or tau <= 0:
+            errors.append(f"{key}.{name}={tau}: the Gumbel-softmax temperature must be > 0")
+    steps = q.get("tau_anneal_steps", 0)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        errors.append(f"{key}.tau_anneal_steps={steps}: must be an int >= 0")
+    weight = q.get("kl_weight", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or weight < 0:
+        errors.append(f"{key}.kl_weight={weight}: must be a number >= 0")
+    if not isinstance(q.get("straight_through", False), bool):
+        errors.append(f"{key}.straight_through={q.get('straight_through')}: must be true or false")
     return errors
 
 

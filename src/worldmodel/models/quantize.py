@@ -11,7 +11,9 @@ latents z (B, D, ...) and returns `(codes, indices, aux_loss, stats)`:
 
 Kinds: `fsq` (levels), `lfq` (codebook_size = 2^bits), `vq` (EMA codebook, k-means init, dead-code
 restart, rotation trick), `rvq` (residual VQ; its per-level indices are folded into one integer
-sum_q i_q * K^q so the interface stays one index per position; `codebook_size` is K^Q).
+sum_q i_q * K^q so the interface stays one index per position; `codebook_size` is K^Q),
+`gumbel` (DALL-E dVAE: logits over a learned codebook, Gumbel-softmax relaxation in training,
+argmax codes in eval; see `GumbelQuantize`).
 
 Quantization always runs in fp32 with autocast disabled: the library only switches off CUDA
 autocast, and bf16 distances or roundings on the CPU would pick wrong codes.
@@ -31,9 +33,10 @@ from typing import Any
 import torch
 from einops import pack, rearrange, unpack
 from torch import Tensor, nn
+from torch.nn import functional as F
 from vector_quantize_pytorch import FSQ, LFQ, ResidualVQ, VectorQuantize
 
-KINDS = ("fsq", "lfq", "vq", "rvq")
+KINDS = ("fsq", "lfq", "vq", "rvq", "gumbel")
 
 # Keyword arguments each kind accepts (besides `dim`); anything else is a config typo.
 _ALLOWED = {
@@ -67,6 +70,14 @@ _ALLOWED = {
         "rotation_trick",
         "commitment_weight",
         "use_cosine_sim",
+    },
+    "gumbel": {
+        "codebook_size",
+        "tau_start",
+        "tau_end",
+        "tau_anneal_steps",
+        "kl_weight",
+        "straight_through",
     },
 }
 
@@ -112,7 +123,7 @@ class Quantizer(nn.Module):
             if self.kind == "fsq":
                 q, idx = self.impl(x)
                 aux = x.new_zeros(())
-            elif self.kind in ("lfq", "vq"):
+            elif self.kind in ("lfq", "vq", "gumbel"):
                 q, idx, aux = self.impl(x)
             else:  # rvq: idx (B, N, Q), aux (Q,) or (1, Q)
                 q, idx, aux = self.impl(x)
@@ -143,7 +154,7 @@ class Quantizer(nn.Module):
         """indices (B, ...) long -> codes (B, D, ...) (fp32)."""
         idx, ps = pack([indices.long()], "b *")  # (B, N)
         with torch.autocast(device_type=indices.device.type, enabled=False):
-            if self.kind in ("fsq", "lfq"):
+            if self.kind in ("fsq", "lfq", "gumbel"):
                 q = self.impl.indices_to_codes(idx)
             elif self.kind == "vq":
                 q = self.impl.get_output_from_indices(idx)
@@ -151,6 +162,84 @@ class Quantizer(nn.Module):
                 q = self.impl.get_output_from_indices(self._unfold(idx))
         q = unpack(q.float(), ps, "b * d")[0]  # (B, ..., D)
         return rearrange(q, "b ... d -> b d ...")
+
+
+class GumbelQuantize(nn.Module):
+    """Gumbel-softmax quantization as in DALL-E's dVAE (Ramesh et al. 2021), over (B, N, D).
+
+    A 1x1 projection (a linear map per position) turns each D-channel latent into logits over
+    `codebook_size` codes. In training the code is a relaxed one-hot sample
+    `gumbel_softmax(logits, tau, hard=straight_through)` times the learned codebook
+    (codebook_size x D): the gradient reaches the encoder through the soft sample (with
+    `straight_through` the forward value is the hard one-hot, the backward the soft one). In
+    eval the code is the codebook row of the argmax logit, so `indices_to_codes(indices)` gives
+    exactly the quantized output.
+
+    The auxiliary loss is `kl_weight` * KL(q(z|x) || uniform) = sum_k q_k log(K q_k), the mean
+    over positions: 0 when the logits are flat, up to log K when they are one-hot.
+
+    The temperature follows a cosine schedule (DALL-E's) from `tau_start` at step 0 to `tau_end`
+    at `tau_anneal_steps`, then stays there. The step is a buffer counting training forwards
+    that have gradients on (the forwards that train; eval-mode validation and the no-grad
+    recomputation of a reconstruction leave it alone): it needs no change in any tokenizer's
+    `loss`, and it is saved with the model's weights, so a resumed run goes on at the same
+    temperature. With `trainer.grad_accum` > 1 it counts micro-batches, so the anneal spans
+    `tau_anneal_steps / grad_accum` optimizer steps.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        tau_start: float = 1.0,
+        tau_end: float = 1.0 / 16,
+        tau_anneal_steps: int = 0,
+        kl_weight: float = 0.0,
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__()
+        self.codebook_size = codebook_size
+        self.tau_start, self.tau_end = float(tau_start), float(tau_end)
+        self.tau_anneal_steps = int(tau_anneal_steps)
+        self.kl_weight = float(kl_weight)
+        self.straight_through = bool(straight_through)
+        self.proj = nn.Linear(dim, codebook_size)  # the 1x1 conv to logits
+        self.codebook = nn.Embedding(codebook_size, dim)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (
+            f"tau {self.tau_start} -> {self.tau_end} over {self.tau_anneal_steps} steps (cosine), "
+            f"kl_weight={self.kl_weight}, straight_through={self.straight_through}"
+        )
+
+    def tau(self, step: int | None = None) -> float:
+        """The temperature at `step` (by default the current one)."""
+        step = int(self.step) if step is None else int(step)
+        if self.tau_anneal_steps <= 0:
+            return self.tau_end
+        frac = min(step / self.tau_anneal_steps, 1.0)
+        return self.tau_end + 0.5 * (self.tau_start - self.tau_end) * (1 + math.cos(math.pi * frac))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, N, D) fp32 -> (codes (B, N, D), indices (B, N), weighted KL scalar)."""
+        logits = self.proj(x)  # (B, N, K)
+        log_q = F.log_softmax(logits, dim=-1)  # (B, N, K)
+        kl = (log_q.exp() * (log_q + math.log(self.codebook_size))).sum(-1).mean()
+        if self.training:
+            one_hot = F.gumbel_softmax(logits, tau=self.tau(), hard=self.straight_through)
+            indices = one_hot.argmax(-1)  # (B, N): the sampled code
+            codes = one_hot @ self.codebook.weight  # (B, N, D)
+            if torch.is_grad_enabled():
+                self.step.add_(1)
+        else:
+            indices = logits.argmax(-1)  # (B, N)
+            codes = self.codebook(indices)  # (B, N, D)
+        return codes, indices, self.kl_weight * kl
+
+    def indices_to_codes(self, indices: Tensor) -> Tensor:
+        """indices (B, N) long -> codes (B, N, D)."""
+        return self.codebook(indices)
 
 
 @torch.no_grad()
@@ -192,6 +281,9 @@ def build_quantizer(kind: str, dim: int, **kwargs: Any) -> Quantizer:
 
     size = kwargs.get("codebook_size")
     _require(_is_int(size) and size >= 2, "codebook_size", f"must be an int >= 2, got {size!r}")
+
+    if kind == "gumbel":
+        return Quantizer(kind, dim, _build_gumbel(dim, size, kwargs), size)
 
     if kind == "lfq":
         _require(
@@ -244,3 +336,31 @@ def build_quantizer(kind: str, dim: int, **kwargs: Any) -> Quantizer:
         dim=dim, codebook_size=size, codebook_dim=codebook_dim, num_quantizers=levels, **vq_kwargs
     )
     return Quantizer(kind, dim, impl, size**levels, level_size=size, num_levels=levels)
+
+
+def _build_gumbel(dim: int, size: int, kwargs: dict[str, Any]) -> GumbelQuantize:
+    """A `GumbelQuantize` from its config keys, each checked (see `_ALLOWED["gumbel"]`)."""
+    taus = {}
+    for key, default in (("tau_start", 1.0), ("tau_end", 1.0 / 16)):
+        value = kwargs.get(key, default)
+        _require(
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0,
+            key,
+            f"the Gumbel-softmax temperature must be a number > 0, got {value!r}",
+        )
+        taus[key] = float(value)
+    steps = kwargs.get("tau_anneal_steps", 0)
+    _require(
+        _is_int(steps) and steps >= 0, "tau_anneal_steps", f"must be an int >= 0, got {steps!r}"
+    )
+    kl_weight = kwargs.get("kl_weight", 0.0)
+    _require(
+        isinstance(kl_weight, (int, float)) and not isinstance(kl_weight, bool) and kl_weight >= 0,
+        "kl_weight",
+        f"must be a number >= 0, got {kl_weight!r}",
+    )
+    hard = kwargs.get("straight_through", False)
+    _require(isinstance(hard, bool), "straight_through", f"must be true or false, got {hard!r}")
+    return GumbelQuantize(
+        dim, size, tau_anneal_steps=steps, kl_weight=float(kl_weight), straight_through=hard, **taus
+    )
