@@ -5,7 +5,7 @@ latents z (B, D, ...) and returns `(codes, indices, aux_loss, stats)`:
 
 - codes: same shape as z, the quantized latents (straight-through / rotation-trick gradients);
 - indices: (B, ...) long, one integer per latent position, in [0, codebook_size);
-- aux_loss: scalar, the quantizer's own loss (commitment, entropy) already weighted, 0 for FSQ;
+- aux_loss: scalar, the quantizer's own loss (commitment, entropy, KL) already weighted, 0 for FSQ;
 - stats: `perplexity` (exp of the entropy of the code histogram of the batch) and `usage`
   (fraction of the codebook used in the batch), both detached scalars.
 
