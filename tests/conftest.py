@@ -9,6 +9,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from worldmodel.train.logging import read_metrics
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
@@ -29,6 +31,11 @@ def compose_config(overrides: list[str] | None = None, run_dir: Path | None = No
     with open_dict(cfg):
         cfg.run_dir = str(run_dir) if run_dir is not None else "unused"
     return cfg
+
+
+def logged_losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
+    """{step: value} of one logged scalar in a run folder's metrics.jsonl."""
+    return {r["step"]: r[key] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if key in r}
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_config
+from conftest import logged_losses as losses
 from einops import rearrange
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
@@ -34,7 +35,6 @@ from worldmodel.models.quantize import build_quantizer
 from worldmodel.tasks import pipeline
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.train import dist, loop, parallel
-from worldmodel.train.logging import read_metrics
 from worldmodel.train.optim import LRSchedule, adamw
 
 LAM = "experiment=smoke_lam"
@@ -196,10 +196,6 @@ def runs(tmp_path_factory) -> Path:
     finally:
         torch.set_num_threads(threads)
     return root
-
-
-def losses(run_dir: Path, key: str = "train/loss") -> dict[int, float]:
-    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if key in r}
 
 
 def close(a: dict[int, float], b: dict[int, float], rtol: float) -> bool:

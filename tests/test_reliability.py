@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import ROOT, compose_config
+from conftest import logged_losses as losses
 
 from worldmodel.config import validate
 from worldmodel.train import checkpoint as ckpt
-from worldmodel.train.logging import read_metrics
 from worldmodel.train.loop import train
 
 SMOKE = [
@@ -35,11 +35,6 @@ SMOKE = [
     "trainer.val_every=1000",
     "trainer.media_every=1000",
 ]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
 
 
 def train_here(run_dir: Path, overrides: list[str]) -> dict[int, float]:

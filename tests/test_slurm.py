@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from conftest import logged_losses as _losses
 from slurm_cluster import LocalSlurm
 
 from worldmodel.train import checkpoint as ckpt
@@ -186,14 +187,6 @@ class Sweep:
 
     def run_dirs(self) -> list[Path]:
         return sorted(p.parent for p in self.dir.glob("*/.hydra"))
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    return {
-        r["step"]: r["train/loss"]
-        for r in read_metrics(run_dir / "metrics.jsonl")
-        if "train/loss" in r
-    }
 
 
 def _result(sweep_dir: Path, job: str, task: int):

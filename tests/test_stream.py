@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, logged_losses
 from torch.utils.data import DataLoader
 
 from worldmodel.config import ConfigError, validate
@@ -26,7 +26,6 @@ from worldmodel.data.stream import (
     main,
     write_from_cache,
 )
-from worldmodel.train.logging import read_metrics
 from worldmodel.train.loop import train
 
 SIZE = 16  # frame side of the synthetic episodes
@@ -265,8 +264,7 @@ def train_losses(run_dir: Path, overrides: list[str]) -> dict[int, float]:
         train(validate(compose_config([*SMOKE, *overrides], run_dir=run_dir)))
     finally:
         torch.set_num_threads(threads)
-    rows = read_metrics(run_dir / "metrics.jsonl")
-    return {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+    return logged_losses(run_dir)
 
 
 def test_training_on_shards_stopped_and_resumed_gives_the_same_losses(tmp_path):
