@@ -19,11 +19,12 @@ positions only (the head runs on those positions only).
 
 Sampling: `generate_next` decodes one new frame in `steps` MaskGIT iterations (sample every masked
 token, keep the most confident ones, re-mask the rest following the schedule, feed the updated
-tokens back). Past frames' temporal keys/values are cached, so each iteration runs the transformer
-on the new frame only. `rollout` generates frame after frame and slides a window of
-`max_frames` frames; positions are absolute inside the window, so a slide re-encodes the window
-(exact: the same result as running without a cache). Tokens are drawn by inverse-CDF sampling
-from softmax(logits / temperature); `temperature=0` is greedy.
+tokens back: `maskgit_fill`, which the Muse cascade shares). Past frames' temporal keys/values
+are cached, so each iteration runs the transformer on the new frame only. `rollout` generates
+frame after frame and slides a window of `max_frames` frames; positions are absolute inside the
+window, so a slide re-encodes the window (exact: the same result as running without a cache).
+Tokens are drawn by inverse-CDF sampling from softmax(logits / temperature); `temperature=0` is
+greedy.
 
 Input checks raise ValueError naming the values: token grids other than the model's (h, w), ids
 outside [0, vocab_size), actions outside [0, num_actions) where they condition a real frame (-1,
@@ -33,6 +34,7 @@ outside [0, vocab_size), actions outside [0, num_actions) where they condition a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +88,65 @@ def masked_counts(steps: int, num_tokens: int, schedule: str = "cosine") -> list
         counts.append(max(0, min(max(c, steps - s), counts[-1] - 1)))
     counts[-1] = 0
     return counts
+
+
+@torch.no_grad()
+def maskgit_fill(
+    predict: Callable[[Tensor], Tensor],
+    head: nn.Module,
+    shape: tuple[int, int],
+    mask_id: int,
+    steps: int,
+    temperature: float = 1.0,
+    schedule: str = "cosine",
+    generator: torch.Generator | None = None,
+    confidence_noise: float = 0.0,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """MaskGIT's iterative decoding of one frame of `shape` (B, N) token ids, all masked at first.
+
+    `predict(frame (B, N) ids, mask id allowed)` gives the hidden states (B, N, D) of the frame
+    and `head` maps them to logits (B, ., V). Each of the `steps` iterations samples every masked
+    token, keeps the most confident ones and re-masks the rest following `schedule`
+    (`masked_counts`); `temperature` 0 is greedy; `confidence_noise` > 0 adds MaskGIT's annealed
+    Gumbel noise to the confidences that choose what to keep. Returns the frame (B, N) long.
+    """
+    b, n = shape
+    frame = torch.full((b, n), mask_id, dtype=torch.long, device=device)
+    counts = masked_counts(steps, n, schedule)
+    for s in range(steps):
+        still_masked = frame == mask_id  # (B, N): the same count in every row
+        m = int(still_masked[0].sum())
+        if m == 0:
+            break  # more steps than tokens: the schedule finished early
+        hidden = predict(frame)  # (B, N, D)
+        # the head runs on the masked positions only (it is half the compute of a step)
+        where = still_masked.nonzero()[:, 1].view(b, m)  # (B, m) positions, ascending
+        picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
+        logits = head(picked).float()  # (B, m, V)
+        vocab = logits.shape[-1]
+        if temperature > 0:
+            probs = F.softmax(logits / temperature, dim=-1)
+            # inverse-CDF sampling: one uniform per token (torch.multinomial draws one
+            # exponential per vocabulary entry, ~10x the cost here)
+            u = torch.rand(b, m, 1, generator=generator, device=logits.device)
+            sampled = torch.searchsorted(probs.cumsum(dim=-1), u)[..., 0]
+            sampled = sampled.clamp_max(vocab - 1)  # cumsum may end just below u
+        else:
+            probs = F.softmax(logits, dim=-1)
+            sampled = logits.argmax(dim=-1)
+        conf = probs.gather(-1, sampled[..., None])[..., 0]  # (B, m)
+        if confidence_noise > 0:
+            # MaskGIT: Gumbel noise on the log-confidences, annealed to 0 over the steps
+            gumbel = gumbel_noise(conf.shape, generator, conf.device)
+            noise = confidence_noise * (1 - (s + 1) / steps)
+            conf = conf.clamp_min(1e-20).log() + noise * gumbel
+        frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure
+        remask = counts[s + 1]
+        if remask > 0:
+            lowest = conf.topk(remask, dim=-1, largest=False).indices  # (B, remask)
+            frame.scatter_(1, where.gather(1, lowest), mask_id)
+    return frame
 
 
 @dataclass
@@ -370,43 +431,25 @@ class DynamicsModel(nn.Module, WorldModel):
             else:
                 self._extend_cache(cache, x, cond[:, :t])
 
-        n = self.num_tokens
-        frame = torch.full((b, n), self.mask_id, dtype=torch.long, device=x.device)
-        counts = masked_counts(steps, n, schedule)
-        for s in range(steps):
-            still_masked = frame == self.mask_id  # (B, N): the same count in every row
-            m = int(still_masked[0].sum())
-            if m == 0:
-                break  # more steps than tokens: the schedule finished early
+        def predict(frame: Tensor) -> Tensor:  # (B, N) ids -> hidden states (B, N, D)
             if use_cache:
                 hidden = self.forward(frame[:, None], cond[:, t:], cache.kv, update_cache=False)
             else:
                 hidden = self.forward(torch.cat([x, frame[:, None]], dim=1), cond)
-            # the head runs on the masked positions only (it is half the compute of a step)
-            where = still_masked.nonzero()[:, 1].view(b, m)  # (B, m) positions, ascending
-            picked = hidden[:, -1].gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-            logits = self.head(picked).float()  # (B, m, V)
-            if temperature > 0:
-                probs = F.softmax(logits / temperature, dim=-1)
-                # inverse-CDF sampling: one uniform per token (torch.multinomial draws one
-                # exponential per vocabulary entry, ~10x the cost here)
-                u = torch.rand(b, m, 1, generator=generator, device=logits.device)
-                sampled = torch.searchsorted(probs.cumsum(dim=-1), u)[..., 0]
-                sampled = sampled.clamp_max(self.vocab_size - 1)  # cumsum may end just below u
-            else:
-                probs = F.softmax(logits, dim=-1)
-                sampled = logits.argmax(dim=-1)
-            conf = probs.gather(-1, sampled[..., None])[..., 0]  # (B, m)
-            if confidence_noise > 0:
-                # MaskGIT: Gumbel noise on the log-confidences, annealed to 0 over the steps
-                gumbel = gumbel_noise(conf.shape, generator, conf.device)
-                noise = confidence_noise * (1 - (s + 1) / steps)
-                conf = conf.clamp_min(1e-20).log() + noise * gumbel
-            frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure
-            remask = counts[s + 1]
-            if remask > 0:
-                lowest = conf.topk(remask, dim=-1, largest=False).indices  # (B, remask)
-                frame.scatter_(1, where.gather(1, lowest), self.mask_id)
+            return hidden[:, -1]
+
+        frame = maskgit_fill(
+            predict,
+            self.head,
+            (b, self.num_tokens),
+            self.mask_id,
+            steps,
+            temperature,
+            schedule,
+            generator,
+            confidence_noise,
+            x.device,
+        )
         return rearrange(frame, "b (h w) -> b h w", h=self.grid[0])
 
     @torch.no_grad()
