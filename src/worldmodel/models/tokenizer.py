@@ -353,19 +353,24 @@ class VideoTokenizer(nn.Module, Tokenizer):
         t = int(model.get("temporal_downsample", 1))
         if s < 1 or s & (s - 1):
             errors.append(f"model.spatial_downsample={s}: expected a power of two")
-        if t not in (1, 2, 4):
-            errors.append(f"model.temporal_downsample={t}: expected 1, 2 or 4")
+        if t not in (1, 2, 4, 8):
+            errors.append(f"model.temporal_downsample={t}: expected 1, 2, 4 or 8")
         res = resolution(data)
         if res is not None and s >= 1 and any(r % s for r in res):
             errors.append(
                 f"data.resolution={list(res)} is not divisible by model.spatial_downsample={s}"
             )
-        clip = data.get("clip_length")
-        if clip is not None and t in (2, 4) and (int(clip) - 1) % t:
-            errors.append(
-                f"data.clip_length={clip} does not fit model.temporal_downsample={t}: the first "
-                f"frame is encoded alone, so clip_length - 1 must be a multiple of {t}"
-            )
+        # training clips and the clips task=eval scores (eval.clip_length) both split into
+        # latent frames: the first frame alone, then groups of t
+        clips = [("data.clip_length", data.get("clip_length"))]
+        if ev is not None:
+            clips.append(("eval.clip_length", ev.get("clip_length")))
+        for key, clip in clips:
+            if clip is not None and t > 1 and (int(clip) - 1) % t:
+                errors.append(
+                    f"{key}={clip} does not fit model.temporal_downsample={t}: the first "
+                    f"frame is encoded alone, so {key} - 1 must be a multiple of {t}"
+                )
         if "quantizer" in model:
             errors.extend(quantizer_problems(model.quantizer))
         return errors
