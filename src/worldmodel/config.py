@@ -447,6 +447,30 @@ def apply_debug(cfg: DictConfig) -> None:
             data.clip_length = clip
 
 
+def _memory_problems(eval_cfg: Any) -> list[str]:
+    """What the memory test and long rollouts of a world evaluation (`eval.memory`,
+    `eval.long_horizon`; `worldmodel.eval.memory`) cannot do, found before any training."""
+    problems = []
+    if int(eval_cfg.get("long_horizon") or 0) < 0:
+        problems.append(f"eval.long_horizon={eval_cfg.long_horizon}: must be >= 0 (0 = off)")
+    memory = eval_cfg.get("memory") or {}
+    if not memory.get("enabled", False):
+        return problems
+    gaps = int(memory.get("min_gap", 16)), int(memory.get("max_gap", 32))
+    if not 1 <= gaps[0] <= gaps[1]:
+        problems.append(f"eval.memory.min_gap/max_gap={gaps}: need 1 <= min_gap <= max_gap")
+    close, away = float(memory.get("close_mse", 1e-3)), float(memory.get("away_mse", 1e-2))
+    if not 0 < close < away:
+        problems.append(f"eval.memory.close_mse={close}, away_mse={away}: need 0 < close < away")
+    frames, after = int(memory.get("context_frames", 4)), int(memory.get("context_after", 1))
+    if after < 0 or frames <= after:
+        problems.append(
+            f"eval.memory.context_frames={frames}, context_after={after}: the context must hold "
+            "frame i (context_after >= 0, context_frames > context_after)"
+        )
+    return problems
+
+
 def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictConfig:
     """Reject impossible settings (naming the keys) and fill in derived values, in place.
 
@@ -467,6 +491,7 @@ def validate(cfg: DictConfig, environ: Mapping[str, str] | None = None) -> DictC
     split = (cfg.get("eval") or {}).get("split", "val")
     if split not in ("train", "val", "test"):
         errors.append(f"eval.split={split!r}: expected train, val or test")
+    errors.extend(_memory_problems(cfg.get("eval") or {}))
     if cfg.task not in TASKS:
         errors.append(f"task={cfg.task!r}: expected one of {', '.join(TASKS)}")
     world = cfg.get("world")

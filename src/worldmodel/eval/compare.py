@@ -3,7 +3,10 @@
 `python -m worldmodel.eval.compare RUN_DIR [--out README.md]` reads each stage's `eval.json` and
 checkpoint (steps, training minutes, parameters) and prints Markdown: tokenizers (PSNR, SSIM,
 codebook use, tokens per frame) and world models (next-frame PSNR against the tokenizer's own
-ceiling, ΔtPSNR at t = 4 with its standard error, rollout PSNR at horizon 8, generation speed).
+ceiling, ΔtPSNR at t = 4 with its standard error, rollout PSNR at horizon 8, the memory test's
+PSNR on returns to a view seen 16+ frames earlier beside copying that view, generation speed).
+With `--plots`, the curves of every world model, and of their long rollouts when evaluated with
+`eval.long_horizon` (`rollout_psnr_long.png`).
 Made for `experiment=compare`, which trains every model of the project on one CoinRun split
 with one budget per kind; any pipeline run dir works.
 """
@@ -124,15 +127,29 @@ def _changing_at(metrics: dict[str, Any], key: str, horizon: int) -> float | Non
     return curve[min(horizon, len(curve)) - 1] if curve else None
 
 
+def memory_cell(metrics: dict[str, Any]) -> str:
+    """The memory test of a world (`eval.memory`): PSNR of its return frames ± clustered
+    standard error / copying the old view / copying the last real frame, and the pairs; "–"
+    when the world was not given the test."""
+    if "memory_psnr" not in metrics:
+        return "no pair" if metrics.get("memory_pairs") == 0 else "–"
+    return (
+        f"{metrics['memory_psnr']:.2f} ± {metrics['memory_psnr_stderr']:.2f} / "
+        f"{metrics['memory_copy_old_psnr']:.2f} / {metrics['memory_copy_last_psnr']:.2f} "
+        f"({metrics['memory_pairs']} pairs)"
+    )
+
+
 def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
     """World models beside the baselines a trivial model gets, on the frames that change:
     copying the last real (context) frame; ΔtPSNR with its episode-clustered error; control
-    accuracy beside the inverse-dynamics model's accuracy on real transitions and chance."""
+    accuracy beside the inverse-dynamics model's accuracy on real transitions and chance; the
+    memory test beside copying the old view and the last real frame."""
     rows = [
         "| stage | model | tokenizer | weights | steps | minutes | actions | "
         "rollout PSNR h=1 / copy (dB) | rollout PSNR h=4 / copy (dB) | ΔtPSNR t=4 (dB) | "
-        "control acc. (real / chance) | frames/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "control acc. (real / chance) | memory PSNR / copy old / copy last (dB) | frames/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in stages:
         m = s.metrics
@@ -155,7 +172,8 @@ def world_table(stages: list[Stage], by_path: dict[str, str]) -> list[str]:
         rows.append(
             f"| {s.name} | {s.model} | {_tokenizer_of(s, by_path)} | {_millions(s.params)} | "
             f"{s.steps:,} | {s.minutes:.1f} | {m.get('action_source', '–')} | {cells[0]} | "
-            f"{cells[1]} | {delta_s} | {control_s} | {_fmt(m.get('gen_fps'), 1)} |"
+            f"{cells[1]} | {delta_s} | {control_s} | {memory_cell(m)} | "
+            f"{_fmt(m.get('gen_fps'), 1)} |"
         )
     return rows
 
@@ -192,7 +210,7 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
         return list(values) + [float("nan")] * (horizon - len(values))
 
     label = {s.name: f"{s.name} ({s.steps} steps)" for s in worlds}
-    return [
+    return _long_plot(worlds, label, out_dir) + [
         plot_curve(
             xs,
             {label[s.name]: padded(s.metrics["rollout_psnr"]) for s in worlds},
@@ -207,6 +225,31 @@ def plot(run_dir: Path, out_dir: Path) -> list[Path]:
             title="recorded minus random actions (± stderr)",
             yerr={label[s.name]: padded(s.metrics["delta_psnr_curve_stderr"]) for s in worlds},
         ),
+    ]
+
+
+def _long_plot(worlds: list[Stage], label: dict[str, str], out_dir: Path) -> list[Path]:
+    """Long rollouts (`eval.long_horizon`) of the world models that have them, PSNR on the
+    frames that change against the horizon, beside copying the context frame (the first
+    stage's: the clips are the same for every world of one data config)."""
+    long = [s for s in worlds if s.metrics.get("rollout_psnr_changing_long")]
+    if not long:
+        return []
+    horizon = max(len(s.metrics["rollout_psnr_changing_long"]) for s in long)
+
+    def padded(values: list[float]) -> list[float]:
+        return list(values) + [float("nan")] * (horizon - len(values))
+
+    curves = {label[s.name]: padded(s.metrics["rollout_psnr_changing_long"]) for s in long}
+    curves["copy context frame"] = padded(long[0].metrics["copy_psnr_changing_long"])
+    return [
+        plot_curve(
+            list(range(1, horizon + 1)),
+            curves,
+            out_dir / "rollout_psnr_long.png",
+            ylabel="PSNR of pooled MSE (dB)",
+            title="long rollouts on the frames that change",
+        )
     ]
 
 

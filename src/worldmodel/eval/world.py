@@ -61,6 +61,7 @@ from worldmodel.eval.clips import (
 )
 from worldmodel.eval.control import cached_idm, control_accuracy, control_chance, control_hits
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
+from worldmodel.eval.memory import evaluate_memory, long_rollouts
 from worldmodel.media import plot_curve, save_grid
 from worldmodel.metrics import RunningMeans
 from worldmodel.models.idm import InverseDynamicsModel
@@ -524,6 +525,11 @@ def evaluate_dynamics(
     else:
         log.warning("FVD needs at least 2 clips, got %d: not reported", n)
     metrics["gen_fps"] = generation_speed(world, *first, horizon, sampling, bf16)
+    # after every other figure, so turning them on leaves those (and their random draws) alone
+    if (cfg.eval.get("memory") or {}).get("enabled", False):
+        metrics.update(evaluate_memory(world, cfg, sampling.kwargs()))
+    if int(cfg.eval.get("long_horizon") or 0) > 0:
+        metrics.update(long_rollouts(world, cfg, sampling.kwargs()))
 
     label = "latent actions" if world.action_source == "latent" else "true actions"
     horizons = list(range(1, span.stop - span.start + 1))  # pixel frames after the context
@@ -558,4 +564,14 @@ def evaluate_dynamics(
         ),
         **save_rollout_media(*shown["rollout"], run_dir, "rollout"),
     }
+    if "rollout_psnr_changing_long" in metrics:
+        long = metrics["rollout_psnr_changing_long"]
+        media["long_rollout_psnr_plot"] = plot_curve(
+            list(range(1, len(long) + 1)),
+            {f"model, {label}": long, "copy context frame": metrics["copy_psnr_changing_long"]},
+            run_dir / "long_rollout_psnr.png",
+            ylabel="PSNR of pooled MSE (dB)",
+            title=f"frames that change, {metrics['long_clips']} clips after "
+            f"{metrics['long_context_frames']} real frame(s)",
+        )
     return metrics, media, n
