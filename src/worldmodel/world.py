@@ -415,24 +415,52 @@ class World:
             return self.tokenizer.tokenize(frames.to(self.device))
 
     @torch.no_grad()
-    def decode(self, tokens: Tensor, previous: Tensor | None = None) -> Tensor:
+    def latent_codes(self, video: Tensor) -> Tensor:
+        """The codes of a model with its own quantizer (`inputs == "latents"`) of a video (B, C,
+        T, H, W) in [-1, 1] -> (B, T, h, w): the tokenizer's latents of each frame alone (as the
+        pipeline caches them), then the model's encoder over the clip."""
+        b = video.shape[0]
+        frames = rearrange(video, "b c t h w -> (b t) c 1 h w")  # every frame its own clip
+        with autocast(self.device, self.bf16):
+            z = self.tokenizer.encode(frames)  # (B T, D, 1, h, w)
+        latents = rearrange(z.float(), "(b t) d 1 h w -> b t h w d", b=b)
+        return self.dynamics.encode(latents)
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: Tensor, previous: Tensor | None = None, context: Tensor | None = None
+    ) -> Tensor:
         """The world model's token grids (B, T, h, w) -> video (B, C, T, H, W) in [-1, 1]:
         through the model's own codes when it has them, else the tokenizer's; a tokenizer that
-        refines decodes each frame with the one before it, from `previous` (B, C, H, W)."""
+        refines decodes each frame with the one before it, from `previous` (B, C, H, W); a model
+        that `decodes_in_context` reads the codes before `tokens`, `context` (B, c, h, w)."""
         tokens = tokens.to(self.device)
         if not self.dynamics.own_codes:
             if self.frames_per_latent == 1:
                 return decode_tokens(self.tokenizer, tokens, self.bf16, previous)
             return decode_clip(self.tokenizer, tokens, self.bf16)
         with autocast(self.device, self.bf16):
-            video = self.dynamics.decode_pixels(self.tokenizer, tokens)
+            if self.dynamics.decodes_in_context:
+                context = None if context is None else context.to(self.device)
+                video = self.dynamics.decode_pixels(self.tokenizer, tokens, context)
+            else:
+                video = self.dynamics.decode_pixels(self.tokenizer, tokens)
         return video.float().clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def decode_teacher_forced(self, tokens: Tensor, previous: Tensor) -> Tensor:
         """Token grids (B, T, h, w) of per-frame tokens, each frame decoded with its own real
-        previous frame `previous` (B, C, T, H, W) (next-frame prediction)."""
+        previous frame `previous` (B, C, T, H, W) (next-frame prediction). A model that
+        `decodes_in_context` decodes frame i after the model's codes of the real frames
+        previous[:, :, :i + 1] (consecutive frames, each before the next token frame)."""
         tokens = tokens.to(self.device)
+        if self.dynamics.own_codes and self.dynamics.decodes_in_context:
+            real = self.latent_codes(previous.to(self.device))  # (B, T, h, w)
+            frames = [
+                self.decode(tokens[:, i : i + 1], context=real[:, : i + 1])
+                for i in range(real.shape[1])
+            ]
+            return torch.cat(frames, dim=2)  # (B, C, T, H, W)
         if self.dynamics.own_codes or not self.tokenizer.refines:
             return self.decode(tokens)
         return decode_teacher_forced(self.tokenizer, tokens, previous.to(self.device), self.bf16)
@@ -445,7 +473,10 @@ class World:
         `context` (B, c >= 1, h, w). Per-frame tokens are decoded alone (a refining tokenizer
         starts from `context_frame` (B, C, H, W), the last context frame's pixels when known,
         else its decoding); tokens of a tokenizer that compresses time are decoded with their
-        context as one clip, keeping the new k * t frames."""
+        context as one clip, keeping the new k * t frames; the codes of a model that
+        `decodes_in_context` are decoded after their context codes."""
+        if self.dynamics.own_codes and self.dynamics.decodes_in_context:
+            return self.decode(new, context=context)
         k = self.frames_per_latent
         if k == 1:
             if self.tokenizer.refines and context_frame is None:
@@ -582,7 +613,7 @@ class World:
                 generator=s.generator,
                 cache=s.cache,
             )  # (1, h, w)
-        s.last = self.decode(new[:, None], s.last)[:, :, 0]  # (1, C, H, W)
+        s.last = self.decode_after(s.tokens, new[:, None], s.last)[:, :, 0]  # (1, C, H, W)
         frame = to_uint8_frame(s.last[0])
         s.tokens = torch.cat([s.tokens, new[:, None]], dim=1)
         s.actions = actions

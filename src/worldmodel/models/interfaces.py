@@ -97,7 +97,9 @@ class WorldModel(ABC):
     `inputs` says what its training clips hold: "tokens" (the tokenizer's code ids) or "latents"
     (the tokenizer's continuous latents, for a model with its own quantizer, which then decodes
     its own codes through `decode_pixels`). `conditioning` is "actions" (one action per frame) or
-    "text" (a caption of the clip, rendered from its actions).
+    "text" (a caption of the clip, rendered from its actions). `decodes_in_context`: the model's
+    codes of a frame are decoded with the codes of the frames before it (TECO's codes hold what
+    changed), so `decode_pixels` takes those as `context`.
     """
 
     num_actions: int
@@ -105,6 +107,7 @@ class WorldModel(ABC):
     grid: tuple[int, int]
     inputs: ClassVar[str] = "tokens"
     own_codes: ClassVar[bool] = False
+    decodes_in_context: ClassVar[bool] = False
     conditioning: ClassVar[str] = "actions"
 
     @abstractmethod
@@ -127,7 +130,9 @@ class WorldModel(ABC):
         raise NotImplementedError(f"{type(self).__name__} reads token ids, not latents")
 
     def decode_pixels(self, tokenizer: Tokenizer, tokens: Tensor) -> Tensor:
-        """Video of the model's own codes (only for `own_codes`)."""
+        """Video of the model's own codes (only for `own_codes`); a model that
+        `decodes_in_context` takes a third argument, `context`: the codes (B, c, h, w) of the
+        frames before `tokens` (None: `tokens` start a clip)."""
         raise NotImplementedError(f"{type(self).__name__} has no codes of its own")
 
 

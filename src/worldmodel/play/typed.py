@@ -68,14 +68,15 @@ class TypedWorld:
     """What the typed loop drives: a world model over codes, its prompt and its decoder.
 
     `model` has `max_frames`, `num_actions`, `new_cache` and `generate_next`; `prompt` is the
-    prompt frame's codes (h, w); `decode` maps codes (1, 1, h, w) to a picture (H, W, 3) uint8;
+    prompt frame's codes (h, w); `decode` maps codes (1, 1, h, w) and the codes of the frames
+    before them (1, c, h, w) (or None) to a picture (H, W, 3) uint8;
     `multi_action`: the model takes action sets (B, T, num_actions) (else one id per step);
     `sampling`: keyword arguments of every `generate_next` call (temperature, cond_scale, ...).
     """
 
     model: nn.Module
     prompt: Tensor
-    decode: Callable[[Tensor], np.ndarray]
+    decode: Callable[[Tensor, Tensor | None], np.ndarray]
     multi_action: bool
     sampling: dict[str, Any]
 
@@ -114,7 +115,7 @@ def run_typed(
     else:
         history = torch.zeros(1, 0, dtype=torch.long)  # (1, L-1): action ids
     cache = None
-    frames = [world.decode(tokens)]
+    frames = [world.decode(tokens, None)]
     files = [out_dir / "frame_0000.png"]
     Image.fromarray(frames[0]).save(files[0])
     taken: list[list[int]] = []
@@ -147,7 +148,7 @@ def run_typed(
             new = model.generate_next(
                 tokens, actions, cache=cache, generator=generator, **world.sampling
             )  # (1, h, w)
-            frame = world.decode(new[:, None])
+            frame = world.decode(new[:, None], tokens)
         tokens = torch.cat([tokens, new[:, None]], dim=1)
         history = actions
         seconds.append(time.perf_counter() - start)
@@ -181,8 +182,11 @@ def genie2_world(model: nn.Module, tokenizer: nn.Module, prompt: np.ndarray, **s
         z = tokenizer.encode(video[None, :, None])  # (1, D, 1, h, w)
         codes = model.encode(rearrange(z.float(), "b d t h w -> b t h w d"))  # (1, 1, h, w)
 
-    def decode(tokens: Tensor) -> np.ndarray:
-        video = model.decode_pixels(tokenizer, tokens)  # (1, C, 1, H, W)
+    def decode(tokens: Tensor, context: Tensor | None) -> np.ndarray:
+        if model.decodes_in_context:  # its codes are decoded after the codes before them
+            video = model.decode_pixels(tokenizer, tokens, context)  # (1, C, 1, H, W)
+        else:
+            video = model.decode_pixels(tokenizer, tokens)  # (1, C, 1, H, W)
         frame = rearrange(to_uint8(video[0, :, 0]), "c h w -> h w c")
         return np.ascontiguousarray(frame.expand(-1, -1, 3).numpy())
 
