@@ -1,6 +1,6 @@
 """TECO world model: shapes, causality, the conditional encoder, cached == uncached sampling, a
-64-frame rollout, learning, config checks, and the smoke recipe through `run.py` (train, eval,
-play)."""
+64-frame rollout, learning, config checks, and the smoke recipe: trained and evaluated through
+`run.py`, then played headless."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from worldmodel.config import ConfigError, instantiate, validate
 from worldmodel.models.teco import TecoWorldModel
+from worldmodel.tasks import run_task
 from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
 
@@ -279,16 +280,12 @@ def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path):
     assert len(m["rollout_psnr"]) >= 3 and all(math.isfinite(v) for v in m["rollout_psnr"])
     assert math.isfinite(m["delta_psnr"]) and 0.0 <= m["masked_acc"] <= 1.0
 
-    # task=play, headless: one typed step per entry (7 steps: beyond the 6-frame window)
+    # task=play, headless, as run.py dispatches it (in this process: a second interpreter start
+    # would double the test's time): one typed step per entry, 7 steps, beyond the 6-frame window
     play_dir = tmp_path / "play"
     last = run_dir / "checkpoints" / "last.pt"
-    run_py(
-        *common,
-        "task=play",
-        f"checkpoint={last}",
-        f"hydra.run.dir={play_dir}",
-        "++play.actions=[7,'7+5',3,7,7,4,1]",
-    )
+    overrides = ["task=play", f"checkpoint={last}", "++play.actions=[7,'7+5',3,7,7,4,1]"]
+    run_task(validate(compose_config([*common, *overrides], run_dir=play_dir)))
     record = json.loads((play_dir / "play.json").read_text())
     assert record["actions"] == [[7], [5, 7], [3], [7], [7], [4], [1]]
     assert record["num_frames"] == 8 and len(list(play_dir.glob("frame_*.png"))) == 8
