@@ -59,7 +59,14 @@ from worldmodel.eval.clips import (
     token_val,
     true_action_mapping,
 )
-from worldmodel.eval.control import cached_idm, control_accuracy, control_chance, control_hits
+from worldmodel.eval.control import (
+    cached_idm,
+    control_accuracy,
+    control_chance,
+    control_confusion,
+    control_labels,
+    held_commands,
+)
 from worldmodel.eval.fvd import FeatureStats, build_feature_net, frechet_distance, fvd_metric_name
 from worldmodel.eval.memory import evaluate_memory, long_rollouts
 from worldmodel.media import plot_curve, save_grid
@@ -258,14 +265,16 @@ class Control:
     idm: InverseDynamicsModel
     table: Tensor
     # the model's actions are the game's: the rollouts under uniformly random actions of ΔtPSNR
-    # are rollouts under uniformly random commands, and serve both
+    # are rollouts under uniformly random commands, and serve both (only with hold = 1)
     shared: bool
+    # each command is held for 1..hold steps (`eval.control.hold`), as the recording held them
+    hold: int = 1
 
-    def draw(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
-        """True actions drawn uniformly from those the model can be commanded with."""
-        allowed = torch.nonzero(self.table >= 0).flatten()
-        pick = torch.randint(0, len(allowed), shape, generator=gen, device=gen.device)
-        return allowed[pick.to(allowed.device)]
+    def draw(self, shape: tuple[int, int], gen: torch.Generator) -> Tensor:
+        """True actions drawn uniformly from those the model can be commanded with, each held
+        1..`hold` steps (`eval.control.held_commands`)."""
+        allowed = torch.nonzero(self.table >= 0).flatten().to(gen.device)
+        return held_commands(allowed, shape, self.hold, gen).to(self.table.device)
 
 
 def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> Control | None:
@@ -325,8 +334,9 @@ def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> C
         seed=int(cfg.seed),
         device=world.device,
     )
-    shared = world.action_source == "true" and world.num_actions == num_true
-    return Control(idm, table.to(world.device), shared)
+    hold = int(settings.get("hold", 1))
+    shared = world.action_source == "true" and world.num_actions == num_true and hold == 1
+    return Control(idm, table.to(world.device), shared, hold)
 
 
 def _command_transitions(
@@ -354,14 +364,14 @@ def _control_scores(
 ) -> Tensor:
     """Score the commanded transitions of a batch of rollouts with the IDM, and accumulate its
     accuracy on the batch's real transitions (`control_accuracy_real`, weighted by the
-    transitions scored). Returns the hits (B, horizon) bool on the CPU."""
+    transitions scored). Returns the IDM's labels (B, horizon) long on the CPU."""
     before, after = _command_transitions(video, generated, start, k, commands.shape[1])
     labels = true_actions[:, :-1]  # (B, T-1): the action of transition t -> t + 1
     known = int((labels >= 0).sum())
     if known:
         real = control_accuracy(control.idm, video[:, :, :-1], video[:, :, 1:], labels)
         means.add("control_accuracy_real", real, known)
-    return control_hits(control.idm, before, after, commands)
+    return control_labels(control.idm, before, after, commands)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -388,8 +398,9 @@ def evaluate_dynamics(
     context frame repeated) and `copy_previous_psnr_changing` (the previous real frame) are
     PSNRs of the pooled MSE over the frames that change, per horizon; `rollout_psnr` is the
     mean per-frame PSNR per horizon (Genie's curve). `control_accuracy`,
-    `control_accuracy_real` and `control_chance` are left out when the data has no true actions
-    or the model is conditioned on text (the reason is logged).
+    `control_accuracy_real` and `control_chance` (with `control_hold`, how long each command
+    was held, and `control_confusion`, commanded x read) are left out when the data has no true
+    actions or the model is conditioned on text (the reason is logged).
     """
     model, device = world.dynamics, world.device
     pixels = pixel_val(cfg.data, str(cfg.eval.get("split", "val")))
@@ -413,6 +424,7 @@ def evaluate_dynamics(
     errors: dict[str, list[dict[str, Tensor]]] = {"next": [], "actions": [], "random": []}
     commands_all: list[Tensor] = []
     hits_all: list[Tensor] = []  # (B, horizon) bool: the IDM read the commanded action back
+    labels_all: list[Tensor] = []  # (B, horizon) long: the action the IDM read
     shown: dict[str, tuple[Tensor, Tensor]] = {}
     samples = int(cfg.eval.get("media_samples", 4))
     n = 0
@@ -454,7 +466,7 @@ def evaluate_dynamics(
                 fake_command = _rollout(
                     world, tokens, commanded, context, horizon, sampling, bf16, last
                 )
-            hits = _control_scores(
+            labels = _control_scores(
                 means,
                 control,
                 video,
@@ -464,7 +476,8 @@ def evaluate_dynamics(
                 span.start,
                 layout.k,
             )
-            hits_all.append(hits)
+            hits_all.append(labels == commands.cpu())
+            labels_all.append(labels)
             commands_all.append(commands.cpu())
         # FVD compares whole clips: the real context frames followed by the real / generated ones
         real_clip = video[:, :, : span.stop]
@@ -518,6 +531,11 @@ def evaluate_dynamics(
         metrics["control_accuracy_stderr"] = float(M.clustered_stderr(per_clip, episodes))
         metrics.setdefault("control_accuracy_real", float("nan"))
         metrics["control_chance"] = control_chance(torch.cat(commands_all))
+        metrics["control_hold"] = control.hold
+        # commanded (rows) x read (columns) over the true actions, which commands fail how
+        metrics["control_confusion"] = control_confusion(
+            torch.cat(commands_all), torch.cat(labels_all), len(control.table)
+        ).tolist()
     if n >= 2:
         metrics[fvd_metric_name(feature_net)] = frechet_distance(
             real_feats.mean, real_feats.cov, fake_feats.mean, fake_feats.cov
