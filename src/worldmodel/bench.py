@@ -247,6 +247,77 @@ def case_dynamics(kind: str, overrides: list[str], warmup: int, iters: int) -> d
     return out
 
 
+# VAR beside the MaskGIT dynamics model at conf/model/dynamics.yaml's sizes (8x8 grid, d=128 x 4
+# layers, 4 heads, 16-frame window, 1000 codes), 15 true actions: the same grid, width, depth.
+VAR_VS_MASKGIT = ["model.num_actions=15"]
+
+
+def case_var(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """Per-frame generation, VAR (one network pass per scale: 1x1, 2x2, 4x4, 8x8) beside the
+    MaskGIT dynamics model (8 steps) at the same grid, width, depth and window, batch 1. Each
+    measured call is the steady state of play: the cache holds 14 context frames and the frame
+    generated after them (built before the clock starts), and the call commits that frame and
+    samples the next one. Passes are the transformer's forward calls during the measured call
+    (MaskGIT: 1 to commit + 8 steps; VAR: the commit rides in the first scale's pass). The two
+    models alternate call by call so both see the same machine load. Random weights: the cost
+    does not depend on them."""
+    dyn_cfg = _compose(["model=dynamics", *VAR_VS_MASKGIT, *overrides])
+    m = dyn_cfg.model
+    same = [f"model.grid=[{m.grid[0]},{m.grid[1]}]", f"model.max_frames={m.max_frames}"]
+    same += [f"model.{k}={m[k]}" for k in ("dim", "depth", "heads", "num_actions")]
+    var_cfg = _compose(["model=var", *same, f"model.codebook_size={m.vocab_size}", *overrides])
+    models = {"maskgit": build_model(dyn_cfg.model).eval(), "var": build_model(var_cfg.model)}
+    models["var"].eval()
+    bf16 = kind.endswith("bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    t = int(m.max_frames) - 2  # context frames; the measured call generates frame t + 1
+    actions = torch.randint(0, int(m.num_actions), (1, t + 1))
+    passes = {name: [0] for name in models}
+    for name, model in models.items():
+        count = passes[name]
+        model.transformer.register_forward_hook(lambda *_, c=count: c.__setitem__(0, c[0] + 1))
+    h, w = m.grid
+    contexts = {
+        "maskgit": torch.randint(0, int(m.vocab_size), (1, t, h, w)),
+        "var": torch.randint(0, int(m.vocab_size), (1, t, 1, models["var"].code_len)),
+    }
+    steps = {"maskgit": 8, "var": 1}
+
+    @torch.no_grad()
+    def frame(name: str) -> tuple[float, int]:
+        model, context = models[name], contexts[name]
+        with amp:
+            cache = model.new_cache(context, actions[:, : t - 1])
+            new = model.generate_next(context, actions[:, :t], steps=steps[name], cache=cache)
+            grown = torch.cat([context, new[:, None]], dim=1)
+            passes[name][0] = 0
+            start = time.perf_counter()
+            model.generate_next(grown, actions, steps=steps[name], cache=cache)
+            return time.perf_counter() - start, passes[name][0]
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    counted: dict[str, int] = {}
+    for i in range(warmup + iters):
+        for name in models:
+            seconds, counted[name] = frame(name)
+            if i >= warmup:
+                times[name].append(seconds)
+    out: dict = {"grid": [h, w], "dim": int(m.dim), "depth": int(m.depth), "context_frames": t}
+    out["var_scales"] = [list(s) for s in models["var"].scales]
+    for name, model in models.items():
+        med = statistics.median(times[name])
+        out[name] = {
+            "passes_per_frame": counted[name],
+            "frame_ms": med * 1e3,
+            "frame_ms_min": min(times[name]) * 1e3,
+            "frames_per_s": 1.0 / med,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        }
+    out["var_speedup"] = out["maskgit"]["frame_ms"] / out["var"]["frame_ms"]
+    out["precision"] = "bf16" if bf16 else "fp32"
+    return out
+
+
 def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     """Interactive play at the demo's sizes: one action -> next frame (MaskGIT with the KV cache,
     `play.steps` iterations) -> decoded picture, as `task=play` runs it. Random weights: the cost
@@ -600,6 +671,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_train_bf16": lambda o, w, i: case_dynamics("train_bf16", o, w, i),
     "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
+    "var_vs_maskgit_generate_fp32": lambda o, w, i: case_var("generate_fp32", o, w, i),
     "play_demo": case_play,
     "play_web": case_play_web,
     "contention": case_contention,
