@@ -657,6 +657,143 @@ def case_stream(overrides: list[str], warmup: int, iters: int) -> dict:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# Perceiver AR at its config's width and depth (d=128, 4 latent blocks, 4 heads) over 8x8 tokens
+# per frame, vocabulary 1024; the full-attention baseline is the same module with the latent
+# window as long as the context (its cross-attend layer then is plain causal self-attention: a
+# causal transformer of depth + 1 layers over every position, with a GPT's KV cache).
+PERCEIVER_AR = [
+    "model=perceiver_ar",
+    "model.vocab_size=1024",
+    "model.num_actions=15",
+    "model.grid=[8,8]",
+    "model.random_context=false",  # every step over the whole context
+]
+PERCEIVER_AR_FRAMES = [
+    int(f) for f in os.environ.get("WORLDMODEL_BENCH_PAR_FRAMES", "16,32,64,128").split(",")
+]
+
+
+def _perceiver_ar_step(model: torch.nn.Module, kind: str, frames: int) -> Callable[[], float]:
+    """A closure that runs one measured step and returns its seconds (counting FLOPs in it
+    while `_PERCEIVER_AR_COUNTER.active`). `train`: an optimizer step at batch 1 over `frames`
+    frames. `generate`: one new frame (greedy) with a cache that already holds the context but
+    its last frame: that frame is committed and the next one's tokens are sampled; bringing
+    the cache there is done before the clock starts."""
+    h, w = model.grid
+    tokens = torch.randint(0, model.vocab_size, (1, frames, h, w))
+    actions = torch.randint(0, model.num_actions, (1, frames))
+    if kind == "train":
+        step = _train_step(model, {"tokens": tokens, "actions": actions}, bf16=False)
+
+        def train() -> float:
+            start = time.perf_counter()
+            with _PERCEIVER_AR_COUNTER:
+                step()
+            return time.perf_counter() - start
+
+        return train
+    model.eval()
+    t = frames - 2  # context frames before the measured call; it generates frame frames - 1
+
+    @torch.no_grad()
+    def generate() -> float:
+        cache = model.new_cache(tokens[:, :t], actions[:, : t - 1])
+        model.generate_next(tokens[:, :t], actions[:, :t], temperature=0, cache=cache)
+        start = time.perf_counter()
+        with _PERCEIVER_AR_COUNTER:
+            model.generate_next(tokens[:, : t + 1], actions[:, : t + 1], temperature=0, cache=cache)
+        return time.perf_counter() - start
+
+    return generate
+
+
+def _cpu_attention_flops(q, k, v, dropout_p=0.0, is_causal=False, *args, **kwargs) -> int:
+    """FLOPs of the CPU flash-attention kernel, which FlopCounterMode does not know: torch's
+    count for attention, halved for a causal call (the kernel skips the blocks above the
+    diagonal). An explicit mask is counted in full."""
+    from torch.utils import flop_counter
+
+    flops = flop_counter.sdpa_flop_count(q, k, v)
+    return flops // 2 if is_causal else flops
+
+
+def _cpu_attention_backward_flops(grad, q, k, v, out, lse, dropout_p, is_causal, *a, **kw) -> int:
+    from torch.utils import flop_counter
+
+    flops = flop_counter.sdpa_backward_flop_count(grad, q, k, v)
+    return flops // 2 if is_causal else flops
+
+
+class _Counter:
+    """A context that counts FLOPs (attention on the CPU included) while `active`, else does
+    nothing, so a closure counts the part it times and not its set-up."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.flops = 0.0
+        self._mode = None
+
+    def __enter__(self) -> None:
+        if self.active:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            aten = torch.ops.aten
+            mapping = {
+                aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+                aten._scaled_dot_product_flash_attention_for_cpu_backward: (
+                    _cpu_attention_backward_flops
+                ),
+            }
+            self._mode = FlopCounterMode(display=False, custom_mapping=mapping)
+            self._mode.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mode is not None:
+            self._mode.__exit__(*exc)
+            self.flops = float(self._mode.get_total_flops())
+            self._mode = None
+
+
+_PERCEIVER_AR_COUNTER = _Counter()
+
+
+def case_perceiver_ar(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """Perceiver AR beside full causal attention over the same context, at each context length
+    of `PERCEIVER_AR_FRAMES` (frames of 8x8 tokens: 128 frames = 8192 positions), timed side by
+    side in 3 alternating rounds of `iters` (medians; fp32, batch 1). GFLOP are counted
+    (FlopCounterMode, with the CPU attention kernel), so their ratio does not depend on the
+    machine's load."""
+    out: dict = {"precision": "fp32", "batch": 1, "tokens_per_frame": 64, "contexts": []}
+    for frames in PERCEIVER_AR_FRAMES:
+        fns, entry = {}, {"frames": frames, "positions": frames * 64}
+        for variant, window in (("perceiver", None), ("full", frames * 64)):
+            extra = [] if window is None else [f"model.latent_window={window}"]
+            cfg = _compose([*PERCEIVER_AR, f"model.max_frames={frames}", *extra, *overrides])
+            torch.manual_seed(0)
+            model = build_model(cfg.model)
+            fns[variant] = _perceiver_ar_step(model, kind, frames)
+            entry[f"{variant}_window"] = model.latent_window
+            entry[f"{variant}_params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+            _PERCEIVER_AR_COUNTER.active = True
+            fns[variant]()
+            _PERCEIVER_AR_COUNTER.active = False
+            entry[f"{variant}_gflop"] = _PERCEIVER_AR_COUNTER.flops / 1e9
+        times: dict[str, list[float]] = {"perceiver": [], "full": []}
+        for name in times:
+            for _ in range(warmup):
+                fns[name]()
+        for _ in range(3):  # alternating rounds: both see the same machine load
+            for name in times:
+                times[name] += [fns[name]() for _ in range(iters)]
+        for name, t in times.items():
+            entry[f"{name}_ms"] = statistics.median(t) * 1e3
+            entry[f"{name}_ms_min"] = min(t) * 1e3
+        entry["full_over_perceiver_ms"] = entry["full_ms"] / entry["perceiver_ms"]
+        entry["full_over_perceiver_gflop"] = entry["full_gflop"] / entry["perceiver_gflop"]
+        out["contexts"].append(entry)
+    return out
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -686,6 +823,8 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "phenaki_continue_cached_fp32": lambda o, w, i: case_phenaki("continue_cached_fp32", o, w, i),
     "phenaki_continue_cached_bf16": lambda o, w, i: case_phenaki("continue_cached_bf16", o, w, i),
     "phenaki_continue_full_fp32": lambda o, w, i: case_phenaki("continue_full_fp32", o, w, i),
+    "perceiver_ar_train": lambda o, w, i: case_perceiver_ar("train", o, w, i),
+    "perceiver_ar_generate": lambda o, w, i: case_perceiver_ar("generate", o, w, i),
 }
 
 
