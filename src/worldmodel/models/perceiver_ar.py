@@ -256,8 +256,14 @@ class PerceiverAR(nn.Module, WorldModel):
         n = inputs.shape[1]
         if start + n > self.max_len:
             raise ValueError(f"positions {start}..{start + n - 1} exceed {self.max_len}")
-        pos = rearrange(self.pos(*self.pos.sizes), "t h w d -> (t h w) d")  # (max_len, D)
-        x = self.token_emb(inputs) + pos[start : start + n] + self.action_emb(cond)
+        p = torch.arange(start, start + n, device=inputs.device)  # (L,) positions
+        w = self.grid[1]
+        pos = (
+            self.pos.time[p // self.num_tokens]
+            + self.pos.height[(p % self.num_tokens) // w]
+            + self.pos.width[p % w]
+        )  # (L, D): the T, H, W tables of the positions alone (a token costs one row)
+        x = self.token_emb(inputs) + pos + self.action_emb(cond)
         return self.emb_drop(x)
 
     def _latents(
