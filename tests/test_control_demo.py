@@ -5,13 +5,17 @@ The IDM's ceiling (its accuracy on real transitions) is measured on the recordin
 actions, each held 1..max_action_repeat steps; commands scored against it are drawn the same way
 (`held_commands`). These tests check the draw (uniform marginal, runs of 1..hold steps, hold=1 a
 fresh draw every step), the confusion counts, and that a held command reaches the IDM's ceiling
-on a world that follows it.
+on a world that follows it, and the play keys that send noop's latent action are flagged.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from worldmodel.eval.control import (
     control_accuracy,
@@ -22,7 +26,10 @@ from worldmodel.eval.control import (
     held_commands,
 )
 from worldmodel.models.idm import InverseDynamicsModel
+from worldmodel.play.keys import moves_like_noop, world_moves
+from worldmodel.world import read_world_metadata
 
+DEMO_WORLD = Path(__file__).parents[1] / "experiments" / "demo" / "world.safetensors"
 MOVES = torch.tensor([1, 2, 4, 5, 7, 8])  # CoinRun's 6 distinct moves among procgen's 15 buttons
 
 
@@ -141,3 +148,36 @@ def test_held_commands_on_a_world_that_follows_them() -> None:
         ignored = control_accuracy(idm, still, still, commands)
         assert abs(ignored - float((commands == 4).double().mean())) < 1e-9
         assert ignored <= control_chance(commands) + 1e-9
+
+
+def _world_like(path: Path) -> SimpleNamespace:
+    """What `world_moves` reads of a world, from an exported world file's metadata (no weights
+    loaded): its action source, key mapping, action count and config."""
+    meta = read_world_metadata(path)
+    mapping = {int(k): int(v) for k, v in meta["true_to_model_actions"].items()}
+    config = OmegaConf.create(meta["configs"]["dynamics"])
+    return SimpleNamespace(
+        action_source=meta["action_source"],
+        true_to_model_actions=mapping,
+        num_actions=int(config.model.num_actions),
+        config=config,
+    )
+
+
+def test_demo_world_flags_left_as_noop() -> None:
+    """The recorded demo world's LAM mapping gives "left" noop's code (6): the key is flagged."""
+    world = _world_like(DEMO_WORLD)
+    moves = world_moves(world)
+    assert moves["left"]["model"] == moves["noop"]["model"]
+    assert moves_like_noop(world) == ["left"]
+    assert not moves["noop"]["as_noop"] and not moves["right"]["as_noop"]
+
+
+def test_no_move_is_noop_on_a_world_of_recorded_actions() -> None:
+    world = _world_like(DEMO_WORLD)
+    world.action_source, world.true_to_model_actions, world.num_actions = "true", {}, 15
+    moves = world_moves(world)
+    assert moves["left"]["model"] == 1 and moves["noop"]["model"] == 4
+    assert moves_like_noop(world) == []
+    # keys without a "noop" movement flag nothing
+    assert moves_like_noop(world, {"a": 1, "b": 1}) == []

@@ -3,7 +3,7 @@
 A movement is a true action of the game; the model's action for it comes from the world: the
 identity for a world trained on the recorded actions, else the LAM's learned mapping the world
 carries (`World.true_to_model_actions`: for each true action, the latent code the LAM most often
-inferred for it).
+inferred for it). Movements that share noop's model action are flagged (`as_noop`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ def known_mapping(world: World) -> dict[int, int]:
 
 
 def world_moves(world: World, keys: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
-    """Movement -> {"true": id, "model": id} for the movements the world can play.
+    """Movement -> {"true": id, "model": id, "as_noop": bool} for the movements the world can
+    play; `as_noop` marks a movement whose model action is noop's (a key that cannot be told from
+    standing still).
 
     `keys` (movement -> true action id) overrides the default, procgen's movements and diagonal
     combinations on procgen worlds (none on others: their digits still reach every action).
@@ -38,8 +40,19 @@ def world_moves(world: World, keys: dict[str, int] | None = None) -> dict[str, d
         data = world.config.get("data") or {}
         keys = {**PROCGEN_MOVES, **PROCGEN_COMBOS} if data.get("name") == "procgen" else {}
     mapping = known_mapping(world)
-    return {
+    moves = {
         move: {"true": int(true_id), "model": mapping[int(true_id)]}
         for move, true_id in keys.items()
         if int(true_id) in mapping
     }
+    # a latent world may map a move to the code it plays for standing still (the demo's LAM
+    # gives "left" and "noop" one code): that key does nothing a player could tell from noop
+    noop = moves.get("noop")
+    for move, entry in moves.items():
+        entry["as_noop"] = noop is not None and move != "noop" and entry["model"] == noop["model"]
+    return moves
+
+
+def moves_like_noop(world: World, keys: dict[str, int] | None = None) -> list[str]:
+    """The movements of `world_moves` that send the model the same action as "noop"."""
+    return [move for move, entry in world_moves(world, keys).items() if entry["as_noop"]]
