@@ -69,6 +69,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         cfg.data.clip_length = int(cfg.eval.clip_length)
     if isinstance(model, Tokenizer):
         val = instantiate(cfg.data).split(str(cfg.eval.get("split", "val")))
+        try:  # a clip the tokenizer's time stages cannot split, named before any work
+            model.latent_shape(int(val.clip_length), *val.resolution)
+        except ValueError as e:
+            key = "eval.clip_length" if cfg.eval.get("clip_length") else "data.clip_length"
+            raise ValueError(f"{key}={val.clip_length} does not fit the tokenizer: {e}") from e
         metrics, media, n = evaluate_tokenizer(model, val, cfg, run_dir)
     elif isinstance(model, LatentActions):
         metrics, media, n = evaluate_lam(model, cfg, run_dir)
