@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, compose_config
@@ -20,6 +21,7 @@ from worldmodel.models.teco import TecoWorldModel
 from worldmodel.tasks import run_task
 from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
+from worldmodel.world import World
 
 A = 8  # actions
 
@@ -289,3 +291,10 @@ def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path):
     record = json.loads((play_dir / "play.json").read_text())
     assert record["actions"] == [[7], [5, 7], [3], [7], [7], [4], [1]]
     assert record["num_frames"] == 8 and len(list(play_dir.glob("frame_*.png"))) == 8
+
+    # the World steps it too (web and terminal play): past the window, each frame decoded after
+    # the codes before it
+    world = World.load(last)
+    prompt = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    video = world.rollout([7, 7, 5, 7, 1, 7, 7, 7], prompt)
+    assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
