@@ -28,10 +28,12 @@ from worldmodel.eval.memory import (
     MemorySettings,
     ReturnPair,
     find_return_pairs,
+    long_rollouts,
     score_returns,
 )
 from worldmodel.eval.runner import evaluate
 from worldmodel.train.checkpoint import atomic_save
+from worldmodel.world import World
 
 SIZE = 64
 STEP = 3  # pixels the view scrolls per frame
@@ -314,3 +316,9 @@ def test_eval_json_has_the_memory_test_when_enabled_and_compare_shows_it(tiny_wo
     ) in row
     pictures = plot(run.parent, tmp_path / "plots")
     assert tmp_path / "plots" / "rollout_psnr_long.png" in pictures
+
+
+def test_long_rollouts_longer_than_the_episodes_are_named(tiny_world):
+    cfg = compose_config([*DATA, f"checkpoint={tiny_world}", "eval.long_horizon=200"])
+    with pytest.raises(ValueError, match="eval.long_horizon=200 after 1 real frame"):
+        long_rollouts(World.load(tiny_world), cfg, {"steps": 1})
