@@ -57,7 +57,7 @@ from worldmodel.models.videogpt_vqvae import AxisPositions
 
 
 class CausalCrossAttention(nn.Module):
-    """Perceiver AR's cross-attend layer: latents at absolute positions `q_pos` attend to the
+    """Perceiver AR's cross-attend layer: latents at absolute positions q >= `start` attend to the
     keys/values of input positions 0 .. M-1, key p visible to the latent at q iff p <= q; then an
     MLP. Keys/values are a function of each input alone (`keys_values`), so they are cached."""
 
@@ -79,15 +79,16 @@ class CausalCrossAttention(nn.Module):
         k, v = rearrange(kv, "b m (two h d) -> two b h m d", two=2, h=self.heads)
         return k, v
 
-    def forward(self, x: Tensor, q_pos: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Latents x (B, Lq, D) at absolute positions q_pos (Lq,) over keys/values (B, heads,
-        M, Dh) of positions 0 .. M-1 -> (B, Lq, D)."""
+    def forward(self, x: Tensor, start: int, k: Tensor, v: Tensor) -> Tensor:
+        """Latents x (B, Lq, D) at absolute positions start .. start + Lq - 1 over keys/values
+        (B, heads, M, Dh) of positions 0 .. M-1 -> (B, Lq, D)."""
         q = rearrange(self.q(self.norm_q(x)), "b l (h d) -> b h l d", h=self.heads)
         m, lq = k.shape[2], q.shape[2]
         mask, is_causal = None, False
-        if lq == m and int(q_pos[0]) == 0:
+        if lq == m and start == 0:
             is_causal = lq > 1  # the window is the whole sequence: plain causal attention
-        elif int(q_pos[-1]) < m - 1 or lq > 1:
+        elif start + lq < m or lq > 1:
+            q_pos = torch.arange(start, start + lq, device=x.device)
             kpos = torch.arange(m, device=x.device)
             mask = kpos[None, :] <= q_pos[:, None]  # (Lq, M) True = attend
         # else: one query at the last key position sees every key
@@ -278,8 +279,7 @@ class PerceiverAR(nn.Module, WorldModel):
         start .. start + Lq - 1, over cross-attention keys/values (B, heads, M, Dh) of positions
         0 .. M-1, through the cross-attend layer and the self-attention stack (with `cache`, its
         keys/values of earlier window positions; the caller advances `cache.length`)."""
-        q_pos = torch.arange(start, start + x.shape[1], device=x.device)
-        h = self.cross(x, q_pos, k, v)
+        h = self.cross(x, start, k, v)
         for i, block in enumerate(self.blocks):
             h = block(h, cache, i)
         return self.norm(h)
