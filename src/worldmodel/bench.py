@@ -794,6 +794,44 @@ def case_perceiver_ar(kind: str, overrides: list[str], warmup: int, iters: int) 
     return out
 
 
+def case_teco(overrides: list[str], warmup: int, iters: int) -> dict:
+    """TECO's cost per generated frame against the length of the video so far, at
+    conf/model/teco.yaml's sizes (8x8 grid, 8 MaskGIT steps, batch 1, fp32): with the cache
+    (the temporal transformer's keys/values of the last `state_window` frames, built before the
+    clock starts over all but the newest frame; the call commits that frame, one temporal
+    position, then runs the prior 8 times) and without (the temporal transformer re-run over
+    the whole video). The two alternate call by call so both see the same machine load. Random
+    weights: the cost does not depend on them."""
+    cfg = _compose(["model=teco", *overrides])
+    model = build_model(cfg.model).eval()
+    h, w = model.grid
+
+    @torch.no_grad()
+    def call(video: torch.Tensor, actions: torch.Tensor, cached: bool) -> float:
+        cache = model.new_cache(video[:, :-1], actions[:, :-2]) if cached else None
+        start = time.perf_counter()
+        model.generate_next(video, actions, steps=8, cache=cache, use_cache=cached)
+        return time.perf_counter() - start
+
+    out: dict = {"grid": [h, w], "state_window": model.state_window, "contexts": []}
+    for length in (16, 64, 256, 1024):
+        video = torch.randint(0, model.codebook_size, (1, length, h, w))  # (1, T, h, w)
+        actions = torch.randint(0, model.num_actions, (1, length))  # (1, T)
+        times: dict[str, list[float]] = {"cached": [], "uncached": []}
+        for i in range(warmup + iters):
+            for name in times:
+                seconds = call(video, actions, name == "cached")
+                if i >= warmup:
+                    times[name].append(seconds)
+        entry = {"frames_so_far": length}
+        for name, t in times.items():
+            entry[f"{name}_ms"] = statistics.median(t) * 1e3
+            entry[f"{name}_ms_min"] = min(t) * 1e3
+        out["contexts"].append(entry)
+    out["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+    return out
+
+
 CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "tokenizer_train_fp32": lambda o, w, i: case_tokenizer("train_fp32", o, w, i),
     "tokenizer_train_bf16": lambda o, w, i: case_tokenizer("train_bf16", o, w, i),
@@ -825,6 +863,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "phenaki_continue_full_fp32": lambda o, w, i: case_phenaki("continue_full_fp32", o, w, i),
     "perceiver_ar_train": lambda o, w, i: case_perceiver_ar("train", o, w, i),
     "perceiver_ar_generate": lambda o, w, i: case_perceiver_ar("generate", o, w, i),
+    "teco_generate": case_teco,
 }
 
 
