@@ -108,8 +108,8 @@ def test_block_causal_attention_over_scales_and_frames():
     later_scale[0, 2, 0, 5:] = (later_scale[0, 2, 0, 5:] + 7) % 32  # frame 2's 4x4 codes
     out = model.logits(later_scale, actions)
     assert torch.allclose(out[:, :2], base[:, :2], atol=1e-5)  # frames 1 and 2 ...
-    # ... frame 2's scales 1 and 2 do not see its own 4x4 codes, its 4x4 queries do (through
-    # the 2x2 features only: here unchanged) and frame 3 does (through frame 2's summary)
+    # ... no query of frame 2 reads its own 4x4 codes (the last scale's inputs are the scales
+    # before it); frame 3 does, through the previous frame's code embeddings
     assert not torch.allclose(out[:, 2], base[:, 2], atol=1e-4)
     later_frame = codes.clone()
     later_frame[0, 3] = (later_frame[0, 3] + 3) % 32

@@ -19,16 +19,18 @@ pipeline's `model.pipeline.inputs: latents`) and owns its codes. Two parts:
 
 2. `VARWorldModel`: a transformer over a frame sequence laid out in blocks
 
-       S_0 | Q_1^1 Q_1^2 ... Q_1^K | S_1 | Q_2^1 ... Q_2^K | S_2 | ...
+       Q_1^1 Q_1^2 ... Q_1^K | Q_2^1 ... Q_2^K | ...     (frame 0 is context only)
 
    Q_t^1 is one start token (VAR's class token; here the embedding of the action a_{t-1} that
    leads to frame t); Q_t^k (k >= 2) are the h_k * w_k features area_down(f_hat_{<k}, (h_k, w_k))
-   of frame t's cumulative reconstruction of scales < k (teacher forcing, as in VAR); S_t is the
-   frame's full reconstruction f_hat (h * w tokens), the summary a later frame reads. Attention
-   is block-causal: a token sees every token of earlier blocks (earlier scales and frames) and of
-   its own block. The outputs of block Q_t^k are the logits of frame t's scale-k codes, so a
-   scale's tokens are sampled all at once and a frame takes K = len(scales) network passes
-   (MaskGIT's dynamics model: 8 steps + 1 pass to encode the new frame).
+   of frame t's cumulative reconstruction of scales < k (teacher forcing, as in VAR). Every
+   query token also adds the embedding of the previous frame's code at its scale and position,
+   so frame t - 1 (all of it, its last scale included) reaches frame t's tokens directly and the
+   earlier frames through their own blocks. Attention is block-causal: a token sees every token
+   of earlier blocks (earlier scales and frames) and of its own block. The outputs of block
+   Q_t^k are the logits of frame t's scale-k codes, so a scale's tokens are sampled all at once
+   and a frame takes K = len(scales) network passes (MaskGIT's dynamics model: 8 steps + 1 pass
+   to encode the new frame).
 
 Codes of a frame, as the rest of the house sees them: the K scales' id maps flattened and
 concatenated, r_1 ... r_K, L = sum_k h_k w_k ids (85 for an 8x8 grid), shaped (B, T, 1, L)
@@ -36,18 +38,15 @@ where other world models have (B, T, h, w).
 
 Sampling keeps a KV cache over the committed blocks. The keys/values of Q_t^1..Q_t^K written
 while frame t is generated are kept and committed when the next call's context ends with that
-frame (and action); the summary S_t of the new frame is run in the same pass as the next frame's
-start token, so steady-state generation is exactly K passes per frame.
+frame (and action), so steady-state generation is exactly K passes per frame.
 
 Simplified from VAR: frame positions are absolute within a window of `max_frames` (rollouts slide
-the window and rebuild the cache); every query token also adds the embedding of the previous
-frame's code at its scale and position (a direct path for what changes little from one frame to
-the next, which the ST-transformer models get from per-position temporal attention); the action
-enters the start token and AdaLN of the frame's
-query tokens (VAR: class embedding in both); no classifier-free guidance; one phi conv per scale
-(VAR shares 4 among 10 scales); the codebook is the project's EMA VQ (k-means init, dead-code
-restart) instead of VAR's gradient-trained one; the summary S_t is not in VAR (a single image has
-no past).
+the window and rebuild the cache); the previous frame enters through its code embeddings (a
+single image has no past; the ST-transformer models here get it from per-position temporal
+attention); the action enters the start token and AdaLN of the frame's tokens (VAR: the class
+embedding in both); no classifier-free guidance; one phi conv per scale (VAR shares 4 among 10
+scales); the codebook is the project's EMA VQ (dead-code restarts) instead of VAR's
+gradient-trained one.
 """
 
 from __future__ import annotations
@@ -242,11 +241,20 @@ class Block(nn.Module):
         self.ada = nn.Linear(dim, 6 * dim)  # (shift, scale, gate) x (attention, MLP)
 
     def forward(
-        self, x: Tensor, cond: Tensor, mask: Tensor, cache: VARCache | None, layer: int, start: int
+        self,
+        x: Tensor,
+        cond: Tensor,
+        group: Tensor,
+        mask: Tensor,
+        cache: VARCache | None,
+        layer: int,
+        start: int,
     ) -> Tensor:
-        """x, cond (B, n, dim); mask (n, start + n) bool (True = attend); with `cache`, keys and
-        values are written at positions start .. start + n and read from 0 .. start + n."""
-        s1, c1, g1, s2, c2, g2 = self.ada(cond).chunk(6, dim=-1)  # (B, n, dim) each
+        """x (B, n, dim); cond (B, G, dim), one row per group of tokens that share it, `group`
+        (n,) the row of each token; mask (n, start + n) bool (True = attend); with `cache`, keys
+        and values are written at positions start .. start + n and read from 0 .. start + n."""
+        mod = self.ada(cond)[:, group]  # (B, n, 6 dim): computed once per group
+        s1, c1, g1, s2, c2, g2 = mod.chunk(6, dim=-1)  # (B, n, dim) each
         h = self.norm1(x) * (1 + c1) + s1
         q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if cache is not None:
@@ -259,7 +267,7 @@ class Block(nn.Module):
 
 @dataclass
 class VARCache:
-    """Keys/values of the committed blocks [S_0, Q_1, S_1, ..., Q_{n-1}, S_{n-1}] of `frames`
+    """Keys/values of the committed blocks [Q_1, ..., Q_{n-1}] of `frames`
     (B, n, L) with `sets` (B, n-1, A), buffers (B, heads, capacity, Dh) per layer; `pending`:
     the frame codes (B, L) and action set (B, A) whose Q blocks were written after them by the
     last generation (committed if the next context goes on with that frame)."""
@@ -297,10 +305,20 @@ class VARCache:
 
 
 class VARTransformer(nn.Module):
-    """The block-causal transformer stack; counts its forward passes in `passes`."""
+    """The block-causal transformer stack. The tokens of a frame (`blocks_per_frame` consecutive
+    block ids) share their AdaLN conditioning, which is computed once per frame."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float, dropout: float):
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        mlp_ratio: float,
+        dropout: float,
+        blocks_per_frame: int,
+    ):
         super().__init__()
+        self.blocks_per_frame = blocks_per_frame
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
@@ -316,8 +334,12 @@ class VARTransformer(nn.Module):
         (B, n, dim) and block ids `blocks` (n,) long; the tokens follow `start` cached ones
         (all of earlier blocks, so visible to every token here)."""
         mask = block_causal_mask(blocks, start)
+        frames = torch.div(blocks, self.blocks_per_frame, rounding_mode="floor")
+        _, group, counts = torch.unique_consecutive(frames, return_inverse=True, return_counts=True)
+        first = torch.cumsum(counts, 0) - counts  # the first token of each frame
+        cond = cond[:, first]  # (B, G, dim): (the same for all of a frame's tokens)
         for i, block in enumerate(self.blocks):
-            x = block(x, cond, mask, cache, i, start)
+            x = block(x, cond, group, mask, cache, i, start)
         return self.norm(x)
 
 
@@ -385,7 +407,6 @@ class VARWorldModel(nn.Module, WorldModel):
         self.scales = parse_scales(scales, self.grid)
         self.sizes = [h * w for h, w in self.scales]  # tokens per scale
         self.code_len = sum(self.sizes)  # L: ids per frame
-        self.num_pixels = self.grid[0] * self.grid[1]  # tokens of a summary S_t
         self.max_frames = int(max_frames)
         self.codebook_size = int(codebook_size)
         self.rec_weight, self.quantizer_weight = float(rec_weight), float(quantizer_weight)
@@ -399,13 +420,12 @@ class VARWorldModel(nn.Module, WorldModel):
         self.word_embed = nn.Linear(code_dim, dim)  # VAR: features of f_hat -> tokens
         self.start = nn.Parameter(torch.zeros(dim))  # Q_t^1, before its action is added
         self.action_emb = nn.Linear(self.num_actions, dim)  # an action set: sum of rows + bias
-        self.summary_cond = nn.Parameter(torch.zeros(dim))  # AdaLN input of the S_t tokens
         # the previous frame's code at each query's scale and position (see the module doc)
         self.prev_emb = nn.Embedding(self.codebook_size, dim)
-        self.pos = nn.Parameter(torch.zeros(self.code_len + self.num_pixels, dim))
-        self.level = nn.Parameter(torch.zeros(k + 1, dim))  # scales 1..K, then the summary
+        self.pos = nn.Parameter(torch.zeros(self.code_len, dim))  # per scale and position
+        self.level = nn.Parameter(torch.zeros(k, dim))  # per scale
         self.frame_pos = nn.Parameter(torch.zeros(self.max_frames, dim))
-        self.transformer = VARTransformer(dim, depth, heads, mlp_ratio, dropout)
+        self.transformer = VARTransformer(dim, depth, heads, mlp_ratio, dropout, k)
         self.head = nn.Linear(dim, self.codebook_size)
         level_of = torch.cat([torch.full((n,), i) for i, n in enumerate(self.sizes)])
         self.register_buffer("level_of", level_of, persistent=False)  # (L,) scale of each id
@@ -414,7 +434,7 @@ class VARWorldModel(nn.Module, WorldModel):
                 init_weights(m)
         for m in (self.word_embed, self.action_emb, self.prev_emb, self.head):
             init_weights(m)
-        for p in (self.start, self.summary_cond, self.pos, self.level, self.frame_pos):
+        for p in (self.start, self.pos, self.level, self.frame_pos):
             nn.init.trunc_normal_(p, std=0.02)
         for block in self.transformer.blocks:
             nn.init.zeros_(block.ada.weight)
@@ -516,28 +536,6 @@ class VARWorldModel(nn.Module, WorldModel):
         return rearrange(video, "(b t) c 1 h w -> b c t h w", b=b)
 
     # ------------------------------------------------------------------ token blocks
-    def _frame_blocks(
-        self, codes: Tensor, sets: Tensor | None, frame: int, prev: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Tokens of frame `frame` of codes (B, L): its query blocks Q^1..Q^K (B, L, dim) given
-        the action set (B, A) that led to it and the previous frame's codes `prev` (B, L) (both
-        None for frame 0: no queries) and its summary S (B, h w, dim); with their AdaLN
-        conditioning. Returns (q, q_cond, s, s_cond)."""
-        b = codes.shape[0]
-        with torch.no_grad():  # teacher forcing: the transformer's loss leaves the codes be
-            inputs, f_hat = self.quantizer.teacher_inputs(self.split_codes(codes))
-        s = self.word_embed(rearrange(f_hat, "n c h w -> n (h w) c"))  # (B, h w, dim)
-        s = s + self.pos[self.code_len :] + self.level[-1] + self.frame_pos[frame]
-        s_cond = self.summary_cond.expand(b, self.num_pixels, -1)
-        if sets is None:
-            return s[:, :0], s_cond[:, :0], s, s_cond
-        act = self.action_emb(sets)  # (B, dim)
-        feats = [rearrange(x, "n c h w -> n (h w) c") for x in inputs]
-        q = torch.cat([(self.start + act)[:, None], self.word_embed(torch.cat(feats, 1))], 1)
-        q = q + self.pos[: self.code_len] + self.level[self.level_of] + self.frame_pos[frame]
-        q = q + self.prev_emb(prev)
-        return q, act[:, None].expand(-1, self.code_len, -1), s, s_cond
-
     def _first_query(self, sets: Tensor, frame: int, prev: Tensor) -> tuple[Tensor, Tensor]:
         """The start token Q^1 (B, 1, dim) of frame `frame` after codes `prev` (B, L), and its
         conditioning."""
@@ -557,43 +555,39 @@ class VARWorldModel(nn.Module, WorldModel):
         act = self.action_emb(sets)[:, None].expand(-1, self.sizes[k], -1)
         return q, act
 
-    def _block_ids(self, first_frame: int, last_frame: int, with_last_summary: bool) -> Tensor:
-        """Block ids (n,) of the tokens of frames first..last (Q blocks from frame 1 on, S of
-        each frame, the last frame's S only with `with_last_summary`)."""
+    def _block_ids(self, first_frame: int, last_frame: int) -> Tensor:
+        """Block ids (n,) of the query tokens of frames first..last (>= 1): Q_t^j is t K + j."""
         k = len(self.scales)
-        ids = []
-        for t in range(first_frame, last_frame + 1):
-            base = t * (k + 1)  # Q_t^j: base + j (j < K), S_t: base + K
-            if t >= 1:
-                ids += [torch.full((n,), base + j) for j, n in enumerate(self.sizes)]
-            if t < last_frame or with_last_summary:
-                ids.append(torch.full((self.num_pixels,), base + k))
+        ids = [
+            torch.full((n,), t * k + j)
+            for t in range(first_frame, last_frame + 1)
+            for j, n in enumerate(self.sizes)
+        ]
         return torch.cat(ids).to(self.pos.device)
 
     def sequence(
-        self, codes: Tensor, sets: Tensor, first: int = 0, with_last_summary: bool = False
+        self, codes: Tensor, sets: Tensor, first: int = 1
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Tokens, conditioning (B, n, dim) and block ids (n,) of frames first..T-1 of codes
-        (B, T, L) with sets (B, T-1, A) (sets[:, t-1] leads to frame t)."""
-        xs, conds = [], []
-        t_last = codes.shape[1] - 1
-        for t in range(first, t_last + 1):
-            past = (sets[:, t - 1], codes[:, t - 1]) if t else (None, None)
-            q, qc, s, sc = self._frame_blocks(codes[:, t], past[0], t, past[1])
-            xs.append(q)
-            conds.append(qc)
-            if t < t_last or with_last_summary:
-                xs.append(s)
-                conds.append(sc)
-        blocks = self._block_ids(first, t_last, with_last_summary)
-        return torch.cat(xs, 1), torch.cat(conds, 1), blocks
-
-    def query_positions(self, frames: int) -> Tensor:
-        """Indices (T-1, L) into `sequence(...)` tokens of frames 0..T-1 (no last summary) of
-        the query tokens Q_t (t = 1..T-1), whose outputs predict frame t's codes."""
-        step = self.code_len + self.num_pixels
-        starts = self.num_pixels + step * torch.arange(frames - 1)
-        return starts[:, None] + torch.arange(self.code_len)[None]
+        """Tokens, conditioning (B, n, dim) and block ids (n,) of the query blocks of frames
+        max(first, 1)..T-1 of codes (B, T, L) with sets (B, >= T-1, A) (sets[:, t-1] leads to
+        frame t); n = (T - first) L, Q_t at (t - first) L. All frames in one batch."""
+        first, t = max(first, 1), codes.shape[1]
+        if first >= t:
+            empty = self.pos.new_zeros(codes.shape[0], 0, self.pos.shape[1])
+            return empty, empty, torch.zeros(0, dtype=torch.long, device=self.pos.device)
+        b = codes.shape[0]
+        with torch.no_grad():  # teacher forcing: the transformer's loss leaves the codes be
+            inputs, _ = self.quantizer.teacher_inputs(
+                self.split_codes(codes[:, first:].flatten(0, 1))
+            )
+        feats = [rearrange(x, "(b t) c h w -> b t (h w) c", b=b) for x in inputs]
+        act = self.action_emb(sets[:, first - 1 : t - 1])  # (B, n, dim)
+        q = torch.cat([(self.start + act)[:, :, None], self.word_embed(torch.cat(feats, 2))], 2)
+        q = q + self.pos + self.level[self.level_of] + self.frame_pos[first:t, None]
+        q = q + self.prev_emb(codes[:, first - 1 : t - 1])  # (B, n, L, dim)
+        cond = act[:, :, None].expand(-1, -1, self.code_len, -1)
+        blocks = self._block_ids(first, t - 1)
+        return q.flatten(1, 2), cond.flatten(1, 2), blocks
 
     def logits(self, tokens: Tensor, actions: Tensor) -> Tensor:
         """Teacher-forced logits (B, T-1, L, K) of frames 1..T-1 of codes (B, T, 1, L) after the
@@ -602,9 +596,8 @@ class VARWorldModel(nn.Module, WorldModel):
         codes = tokens[:, :, 0].long()
         sets = self.action_sets(actions, codes.shape[1] - 1)
         x, cond, blocks = self.sequence(codes, sets)
-        hidden = self.transformer(x, cond, blocks)
-        where = self.query_positions(codes.shape[1]).to(x.device)
-        return self.head(hidden[:, where])
+        hidden = self.transformer(x, cond, blocks)  # (B, (T-1) L, dim)
+        return rearrange(self.head(hidden), "b (t l) k -> b t l k", l=self.code_len)
 
     # ------------------------------------------------------------------ training
     def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
@@ -664,14 +657,14 @@ class VARWorldModel(nn.Module, WorldModel):
             codes = batch["tokens"][:, :, 0].long()
 
         x, cond, blocks = self.sequence(codes, sets)
-        hidden = self.transformer(x, cond, blocks)
-        where = self.query_positions(t).to(x.device)  # (T-1, L)
+        hidden = self.transformer(x, cond, blocks)  # (B, (T-1) L, dim): Q_1 .. Q_{T-1}
+        hidden = rearrange(hidden, "b (t l) d -> b t l d", l=self.code_len)
         pred = real[:, 1:] & real[:, :-1]  # (B, T-1)
         if not bool(pred.any()):
             zero = hidden.sum() * 0.0
             metrics.update({"ce": zero.detach(), "masked_acc": zero.detach()})
             return loss + zero, metrics
-        logits = self.head(hidden[:, where][pred]).float()  # (M, L, K)
+        logits = self.head(hidden[pred]).float()  # (M, L, K)
         target = codes[:, 1:][pred]  # (M, L)
         ce = F.cross_entropy(
             logits.flatten(0, 1), target.flatten(), label_smoothing=self.label_smoothing
@@ -692,7 +685,7 @@ class VARWorldModel(nn.Module, WorldModel):
     # ------------------------------------------------------------------ sampling
     def new_cache(self, tokens: Tensor, actions: Tensor) -> VARCache:
         """A cache with the context codes (B, L, 1, Lc) and the actions between them (B, >= L-1)
-        committed (one pass)."""
+        committed (one pass; none for a single frame, which has no query blocks)."""
         self._check_codes(tokens, "tokens_context")
         n = tokens.shape[1]
         if actions.shape[0] != tokens.shape[0] or actions.dim() < 2 or actions.shape[1] < n - 1:
@@ -704,14 +697,15 @@ class VARWorldModel(nn.Module, WorldModel):
         codes = tokens[:, :, 0].long()
         sets = self.action_sets(actions, n - 1)
         with torch.no_grad():
-            x, cond, blocks = self.sequence(codes, sets, with_last_summary=True)
-            self.transformer(x, cond, blocks, cache=cache, start=0)
+            x, cond, blocks = self.sequence(codes, sets)
+            if x.shape[1]:
+                self.transformer(x, cond, blocks, cache=cache, start=0)
         cache.length, cache.frames, cache.sets = x.shape[1], codes.clone(), sets.clone()
         return cache
 
     def _capacity(self) -> int:
-        """Tokens of a full window: max_frames summaries and queries (the last frame's S aside)."""
-        return self.max_frames * (self.code_len + self.num_pixels)
+        """Tokens of a full window: the query blocks of frames 1 .. max_frames - 1."""
+        return (self.max_frames - 1) * self.code_len
 
     def _sample(
         self, hidden: Tensor, temperature: float, top_k: int, generator: torch.Generator | None
@@ -770,7 +764,7 @@ class VARWorldModel(nn.Module, WorldModel):
                 cache = VARCache(capacity=self._capacity())
             prefix, pos = self._catch_up(cache, codes, sets)
         else:  # the whole context, re-run with the query blocks so far at every pass
-            prefix, pos = self.sequence(codes, sets[:, : t - 1], with_last_summary=True), 0
+            prefix, pos = self.sequence(codes, sets[:, : t - 1]), 0
         queries: list[tuple[Tensor, Tensor, Tensor]] = []
 
         def run(x: Tensor, cond: Tensor, blocks: Tensor) -> Tensor:
@@ -789,7 +783,7 @@ class VARWorldModel(nn.Module, WorldModel):
             return hidden[:, -n:]
 
         k = len(self.scales)
-        first_block = t * (k + 1)  # block id of Q_t^1
+        first_block = t * k  # block id of Q_t^1
         device = codes.device
         x, cond = self._first_query(sets[:, t - 1], t, codes[:, t - 1])
         hidden = run(x, cond, torch.full((1,), first_block, device=device))
@@ -830,7 +824,7 @@ class VARWorldModel(nn.Module, WorldModel):
         pending, cache.pending = cache.pending, None
         if n == t:
             return None, cache.length
-        x, cond, blocks = self.sequence(codes, sets[:, : t - 1], first=n, with_last_summary=True)
+        first = n
         if (
             n > 0
             and pending is not None
@@ -838,15 +832,12 @@ class VARWorldModel(nn.Module, WorldModel):
             and torch.equal(pending[1], sets[:, n - 1])
         ):  # frame n's query blocks, written while it was generated, are kept
             cache.length += self.code_len
-            x, cond, blocks = (
-                x[:, self.code_len :],
-                cond[:, self.code_len :],
-                blocks[self.code_len :],
-            )
+            first = n + 1
+        x, cond, blocks = self.sequence(codes, sets[:, : t - 1], first=first)
         start = cache.length
         cache.length += x.shape[1]
         cache.frames, cache.sets = codes.clone(), sets[:, : t - 1].clone()
-        return (x, cond, blocks), start
+        return ((x, cond, blocks) if x.shape[1] else None), start
 
     @torch.no_grad()
     def rollout(
