@@ -207,20 +207,19 @@ def test_bad_grids_and_inputs_are_rejected_clearly():
     with pytest.raises(ValueError, match=r"actions must be in \[0, 5\)"):
         model.generate_next(_tokens(1, 2), torch.tensor([[0, 9]]))
     # validate names the keys before any work
-    cfg = compose_config(["experiment=smoke_muse", "model.coarse_grid=[5,5]"])
+    cfg = compose_config(["experiment=smoke_muse", "model.coarse_grid=[3,3]"])
     cfg.model.pipeline.tokenizer_checkpoint = "unused.pt"
-    with pytest.raises(ConfigError, match=r"model.grid=\[16, 16\] is not a multiple of"):
+    with pytest.raises(ConfigError, match=r"model.grid=\[8, 8\] is not a multiple of"):
         validate(cfg)
 
 
 TOKENIZER = {
     "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
     "name": "tokenizer",
-    "channels": [8],
-    "spatial_downsample": 4,  # 64x64 frames -> 16x16 tokens, the fine grid of smoke_muse
-    "num_res_blocks": 0,
+    "channels": [8, 16],
+    "spatial_downsample": 8,  # 64x64 frames -> 8x8 tokens, the fine grid of smoke_muse
+    "num_res_blocks": 1,
     "num_mid_blocks": 1,
-    "decoder_mid_blocks": 1,
     "quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]},  # 1000 codes, as smoke_muse expects
 }
 DATA = [  # the tiny recording the world-model evaluation tests use too
@@ -250,8 +249,9 @@ def run_py(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path):
-    """A randomly initialised 16x16 tokenizer saved as a real checkpoint is the frozen fine
-    tokenizer; the smoke recipe trains both stages on its tokens, evaluates and plays."""
+    """A randomly initialised tokenizer (8x8 tokens) saved as a real checkpoint is the frozen fine
+    tokenizer; the smoke recipe trains both stages on its tokens (coarse 4x4), evaluates and
+    plays."""
     data = OmegaConf.to_container(compose_config(["experiment=smoke_muse", *DATA]).data)
     torch.manual_seed(0)
     tokenizer = instantiate(OmegaConf.create(TOKENIZER)).eval()
@@ -266,6 +266,7 @@ def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path):
         *common,
         f"hydra.run.dir={run_dir}",
         "trainer.max_steps=40",
+        "trainer.val_every=20",
         "eval.after_train=true",
         "eval.batches=1",
         "eval.batch_size=4",
