@@ -124,7 +124,7 @@ def _up(x: Tensor, size: Scale) -> Tensor:
 class MultiScaleQuantizer(nn.Module):
     """VAR's multi-scale residual quantization of frame latents (N, D, h, w), one codebook.
 
-    `encode` -> features f (N, c, h, w); `quantize(f)` -> (f_hat, per-scale ids, loss, stats);
+    `encoder(z)` -> features f (N, c, h, w); `quantize(f)` -> (f_hat, per-scale ids, loss, stats);
     `contributions(ids)` -> phi_k(up(lookup(r_k))) per scale (their sum is f_hat);
     `decode(f_hat)` -> latents (N, D, h, w).
     """
@@ -331,8 +331,8 @@ class VARTransformer(nn.Module):
         start: int = 0,
     ) -> Tensor:
         """Hidden states (B, n, dim) of tokens x (B, n, dim) with AdaLN conditioning cond
-        (B, n, dim) and block ids `blocks` (n,) long; the tokens follow `start` cached ones
-        (all of earlier blocks, so visible to every token here)."""
+        (B, n, dim) (the same for the tokens of a frame) and block ids `blocks` (n,) long; the
+        tokens follow `start` cached ones (all of earlier blocks, so seen by every token here)."""
         mask = block_causal_mask(blocks, start)
         frames = torch.div(blocks, self.blocks_per_frame, rounding_mode="floor")
         _, group, counts = torch.unique_consecutive(frames, return_inverse=True, return_counts=True)
