@@ -318,6 +318,61 @@ def case_var(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
     return out
 
 
+def case_muse(kind: str, overrides: list[str], warmup: int, iters: int) -> dict:
+    """Per-frame generation, Muse's cascade (`steps` MaskGIT steps on the 8x8 coarse codes, then
+    `fine_steps` on the 16x16 tokens) beside the direct fine-grid MaskGIT (8 steps on 16x16) at
+    the same width, heads, window and 15 true actions, the direct model as deep as the cascade's
+    base stage (experiment=compare's muse and dynamics_fine stages; `--overrides` size the
+    cascade, e.g. model.dim=64,model.base_depth=2,model.sr_depth=1 for experiment=muse_vs_fine).
+    Batch 1; each measured call is the steady state of play: the cache holds the context and the
+    frame generated after it (built before the clock starts), and the call commits that frame and
+    samples the next. The two models alternate call by call so both see the same machine load.
+    Random weights: the cost does not depend on them."""
+    muse_cfg = _compose(["model=muse", "model.max_frames=9", *overrides])
+    m = muse_cfg.model
+    same = [f"model.grid=[{m.grid[0]},{m.grid[1]}]", f"model.depth={m.base_depth}"]
+    same += [f"model.{k}={m[k]}" for k in ("dim", "heads", "num_actions", "max_frames")]
+    dyn_cfg = _compose(["model=dynamics", *same, f"model.vocab_size={m.vocab_size}"])
+    models = {"muse": build_model(m).eval(), "fine": build_model(dyn_cfg.model).eval()}
+    bf16 = kind.endswith("bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+    t = int(m.max_frames) - 2  # context frames; the measured call generates frame t + 1
+    h, w = m.grid
+    context = torch.randint(0, int(m.vocab_size), (1, t, h, w))
+    actions = torch.randint(0, int(m.num_actions), (1, t + 1))
+
+    @torch.no_grad()
+    def frame(name: str) -> float:
+        model = models[name]
+        with amp:
+            cache = model.new_cache(context, actions[:, : t - 1])
+            new = model.generate_next(context, actions[:, :t], steps=8, cache=cache)
+            grown = torch.cat([context, new[:, None]], dim=1)
+            start = time.perf_counter()
+            model.generate_next(grown, actions, steps=8, cache=cache)
+            return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + iters):
+        for name in models:
+            seconds = frame(name)
+            if i >= warmup:
+                times[name].append(seconds)
+    out: dict = {"grid": [h, w], "coarse_grid": list(m.coarse_grid), "context_frames": t}
+    out["steps"] = {"muse": [8, int(m.fine_steps)], "fine": 8}
+    for name, model in models.items():
+        med = statistics.median(times[name])
+        out[name] = {
+            "frame_ms": med * 1e3,
+            "frame_ms_min": min(times[name]) * 1e3,
+            "frames_per_s": 1.0 / med,
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        }
+    out["muse_speedup"] = out["fine"]["frame_ms"] / out["muse"]["frame_ms"]
+    out["precision"] = "bf16" if bf16 else "fp32"
+    return out
+
+
 def case_play(overrides: list[str], warmup: int, iters: int) -> dict:
     """Interactive play at the demo's sizes: one action -> next frame (MaskGIT with the KV cache,
     `play.steps` iterations) -> decoded picture, as `task=play` runs it. Random weights: the cost
@@ -847,6 +902,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_generate_fp32": lambda o, w, i: case_dynamics("generate_fp32", o, w, i),
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
     "var_vs_maskgit_generate_fp32": lambda o, w, i: case_var("generate_fp32", o, w, i),
+    "muse_vs_fine_generate_fp32": lambda o, w, i: case_muse("generate_fp32", o, w, i),
     "play_demo": case_play,
     "play_web": case_play_web,
     "contention": case_contention,
