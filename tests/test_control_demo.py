@@ -16,7 +16,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 from omegaconf import OmegaConf
+from test_world_eval import build_world
 
+from worldmodel.eval import world as W
 from worldmodel.eval.control import (
     control_accuracy,
     control_chance,
@@ -27,7 +29,7 @@ from worldmodel.eval.control import (
 )
 from worldmodel.models.idm import InverseDynamicsModel
 from worldmodel.play.keys import moves_like_noop, world_moves
-from worldmodel.world import read_world_metadata
+from worldmodel.world import World, read_world_metadata
 
 DEMO_WORLD = Path(__file__).parents[1] / "experiments" / "demo" / "world.safetensors"
 MOVES = torch.tensor([1, 2, 4, 5, 7, 8])  # CoinRun's 6 distinct moves among procgen's 15 buttons
@@ -181,3 +183,30 @@ def test_no_move_is_noop_on_a_world_of_recorded_actions() -> None:
     assert moves_like_noop(world) == []
     # keys without a "noop" movement flag nothing
     assert moves_like_noop(world, {"a": 1, "b": 1}) == []
+
+
+def test_evaluate_dynamics_holds_commands_and_reports_the_confusion(tmp_path) -> None:
+    """`eval.control.hold=4` reaches the world evaluation: eval.json's metrics say how commands
+    were held and carry the commanded x read confusion, whose diagonal share is the accuracy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
+    try:
+        world = build_world(tmp_path / "world")  # an untrained tiny world on real CoinRun clips
+        cfg = world.config(
+            world.dynamics_true,
+            "eval.batches=1",
+            "eval.batch_size=4",
+            "eval.control.steps=4",
+            "eval.control.batch_size=32",
+            "eval.control.hold=4",
+            run_dir=tmp_path,
+        )
+        metrics, _, n = W.evaluate_dynamics(World.load(cfg.checkpoint), cfg, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    assert metrics["control_hold"] == 4
+    confusion = torch.tensor(metrics["control_confusion"])
+    assert confusion.shape == (15, 15)
+    assert int(confusion.sum()) == n * 8  # every commanded transition of the 8-frame rollouts
+    accuracy = float(confusion.diag().sum() / confusion.sum())
+    assert accuracy == pytest.approx(metrics["control_accuracy"])
