@@ -175,8 +175,9 @@ def run_typed(
 
 
 def genie2_world(model: nn.Module, tokenizer: nn.Module, prompt: np.ndarray, **sampling: Any):
-    """A `TypedWorld` for a genie2 model: the prompt picture (H, W, 3) uint8 goes through the
-    frozen tokenizer's encoder and the model's own quantizer; codes decode through both back."""
+    """A `TypedWorld` for a model over the tokenizer's latents (genie2, teco): the prompt picture
+    (H, W, 3) uint8 goes through the frozen tokenizer's encoder and the model's own quantizer;
+    codes decode through both back."""
     video = torch.from_numpy(prompt.copy()).permute(2, 0, 1).float().div(127.5).sub(1)
     with torch.no_grad():
         z = tokenizer.encode(video[None, :, None])  # (1, D, 1, h, w)
