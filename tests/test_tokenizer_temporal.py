@@ -145,16 +145,17 @@ def test_smoke_recipe_trains_and_evaluates_through_run_py(smoke_run, tmp_path) -
     assert m["tokens_per_pixel_frame"] == 64 * 2 / 5  # 5 frames -> 2 latent frames
     assert 10 < m["psnr"] < 60 and 0 < m["ssim"] <= 1
 
-    eval_dir = tmp_path / "eval9"
+    # task=eval of the checkpoint on 9-frame clips (in process: run.py's own path is above)
     ckpt = smoke_run / "checkpoints" / "last.pt"
-    run_py(
-        "task=eval", f"checkpoint={ckpt}", SMOKE, "eval.clip_length=9", f"hydra.run.dir={eval_dir}"
-    )
+    scored = ["task=eval", f"checkpoint={ckpt}", SMOKE, "logger=none", "trainer.progress=false"]
+    eval_dir = tmp_path / "eval9"
+    run_task(validate(compose_config([*scored, "eval.clip_length=9"], run_dir=eval_dir)))
     result = json.loads((eval_dir / "eval.json").read_text())
     assert result["data"]["clip_length"] == 9 and result["step"] == 60
     assert result["metrics"]["tokens_per_pixel_frame"] == 64 * 3 / 9
-    out = run_py("task=eval", f"checkpoint={ckpt}", SMOKE, "eval.clip_length=8", check=False)
-    assert out.returncode != 0 and "eval.clip_length=8 does not fit the tokenizer" in out.stderr
+    bad = compose_config([*scored, "eval.clip_length=8"], run_dir=tmp_path / "eval8")
+    with pytest.raises(ValueError, match="eval.clip_length=8 does not fit the tokenizer"):
+        run_task(validate(bad))
 
 
 def test_world_model_over_t4_latent_frames(smoke_run, tmp_path) -> None:
