@@ -903,6 +903,7 @@ CASES: dict[str, Callable[[list[str], int, int], dict]] = {
     "dynamics_generate_bf16": lambda o, w, i: case_dynamics("generate_bf16", o, w, i),
     "var_vs_maskgit_generate_fp32": lambda o, w, i: case_var("generate_fp32", o, w, i),
     "muse_vs_fine_generate_fp32": lambda o, w, i: case_muse("generate_fp32", o, w, i),
+    "muse_vs_fine_generate_bf16": lambda o, w, i: case_muse("generate_bf16", o, w, i),
     "play_demo": case_play,
     "play_web": case_play_web,
     "contention": case_contention,
