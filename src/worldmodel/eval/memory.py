@@ -277,13 +277,15 @@ def world_generator(
     model = world.dynamics
 
     def token_frames(index: np.ndarray) -> Tensor:
-        """Token grids of the split's frames `index` (any shape S) -> (*S, h, w) long."""
+        """Token grids of the split's frames `index` (N, L): N clips of L consecutive frames ->
+        (N, L, h, w) long. A model with codes of its own encodes each clip whole, as it was
+        trained (its encoder may read the frame before, e.g. TECO's or a causal conv)."""
         raw = torch.from_numpy(np.asarray(tokens[index.reshape(-1)]))
-        if model.inputs == "latents":  # (n, h, w, D) continuous: the model's own codes
+        if model.inputs == "latents":  # (N L, h, w, D) continuous: the model's own codes
+            clips = raw.float().to(world.device).unflatten(0, index.shape)  # (N, L, h, w, D)
             with autocast(world.device, world.bf16):
-                codes = model.encode(raw.float().to(world.device)[:, None])[:, 0]  # (n, h, w)
-        else:
-            codes = raw.long().to(world.device)
+                return model.encode(clips)  # (N, L, h, w)
+        codes = raw.long().to(world.device)  # (N L, h, w)
         return codes.reshape(*index.shape, *codes.shape[-2:])
 
     def generate(batch: list[ReturnPair]) -> tuple[Tensor, Tensor]:
@@ -307,7 +309,7 @@ def world_generator(
         picks = torch.tensor([p.gap - 1 for p in batch], device=video.device)
         generated = video[torch.arange(len(batch), device=video.device), :, picks]  # (B, C, ...)
         ends = np.array([p.offset + p.j for p in batch])
-        real_tokens = token_frames(ends[:, None])  # (B, 1, h, w)
+        real_tokens = token_frames(ends[:, None] + np.arange(-1, 1))[:, 1:]  # (B, 1, h, w)
         before = _video(frames[ends - 1]).to(world.device)[:, :, None]  # (B, C, 1, H, W)
         recon = world.decode_teacher_forced(real_tokens, before)[:, :, 0]
         return generated, recon
