@@ -43,6 +43,7 @@ from einops import rearrange
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from worldmodel.models.checks import check_action_ids, check_token_ids
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.masking import (
     check_mask_strategy,
@@ -149,6 +150,14 @@ def maskgit_fill(
     return frame
 
 
+def frame_conditions(actions: Tensor, num_frames: int, start_id: int) -> Tensor:
+    """Conditioning id per frame (B, T) of actions (B, >= T - 1): `start_id` ("no previous
+    action") for frame 0, actions[:, t-1] for frame t."""
+    b = actions.shape[0]
+    start = torch.full((b, 1), start_id, dtype=torch.long, device=actions.device)
+    return torch.cat([start, actions[:, : num_frames - 1].long()], dim=1)
+
+
 @dataclass
 class DynamicsCache:
     """Cached temporal keys/values of the context frames, plus what they were computed from."""
@@ -244,43 +253,16 @@ class DynamicsModel(nn.Module, WorldModel):
         self, tokens: Tensor, name: str = "tokens", valid: Tensor | None = None
     ) -> None:
         """Shape (B, T, h, w) with the model's grid; ids in [0, vocab_size) on `valid` frames."""
-        if tokens.dim() != 4:
-            raise ValueError(f"{name} must be (B, T, h, w), got shape {tuple(tokens.shape)}")
-        if tuple(tokens.shape[2:]) != self.grid:
-            raise ValueError(
-                f"{name} grid {tuple(tokens.shape[2:])} does not match the model's grid "
-                f"{self.grid} (h, w)"
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer token ids, got {tokens.dtype}")
-        values = tokens if valid is None else tokens[valid]
-        if values.numel() == 0:
-            return
-        lo, hi = int(values.min()), int(values.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(
-                f"{name} ids must be in [0, {self.vocab_size}), got min {lo}, max {hi}"
-            )
+        check_token_ids(tokens, name, self.grid, self.vocab_size, valid)
 
     def _check_actions(self, actions: Tensor, valid: Tensor | None = None) -> None:
         """Actions that condition a frame must lie in [0, num_actions); `valid` masks the rest."""
-        used = actions if valid is None else actions[valid]
-        if used.numel() == 0:
-            return
-        bad = (used < 0) | (used >= self.num_actions)
-        if bool(bad.any()):
-            values = sorted(set(used[bad].tolist()))[:10]
-            raise ValueError(
-                f"actions must be in [0, {self.num_actions}) (num_actions={self.num_actions}), "
-                f"got {values}"
-            )
+        check_action_ids(actions, self.num_actions, valid)
 
     # ------------------------------------------------------------------ model
     def frame_conditions(self, actions: Tensor, num_frames: int) -> Tensor:
         """Conditioning id per frame (B, T): start id for frame 0, actions[:, t-1] for frame t."""
-        b = actions.shape[0]
-        start = torch.full((b, 1), self.start_id, dtype=torch.long, device=actions.device)
-        return torch.cat([start, actions[:, : num_frames - 1].long()], dim=1)
+        return frame_conditions(actions, num_frames, self.start_id)
 
     def forward(
         self,

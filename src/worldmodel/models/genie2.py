@@ -43,6 +43,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from worldmodel.models.checks import (
+    action_sets,
+    check_code_ids,
+    check_latents,
+    check_rollout_actions,
+)
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
@@ -229,60 +235,17 @@ class Genie2WorldModel(nn.Module, WorldModel):
     # ------------------------------------------------------------------ checks
     def _check_codes(self, tokens: Tensor, name: str = "tokens") -> None:
         """Codes (B, T, h, w) of this model's grid, ids in [0, codebook_size)."""
-        if tokens.dim() != 4 or tuple(tokens.shape[2:]) != self.grid:
-            raise ValueError(
-                f"{name} must be (B, T, h, w) with (h, w) = {self.grid}, got {tuple(tokens.shape)}"
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer code ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(
-                f"{name} ids must be in [0, {self.codebook_size}), got min {int(tokens.min())}, "
-                f"max {int(tokens.max())}"
-            )
+        check_code_ids(tokens, name, self.grid, self.codebook_size)
 
     def _check_latents(self, latents: Tensor) -> None:
-        want = (*self.grid, self.latent_dim)
-        if latents.dim() != 5 or tuple(latents.shape[2:]) != want:
-            raise ValueError(
-                f"latents must be (B, T, h, w, D) with (h, w, D) = {want}, "
-                f"got {tuple(latents.shape)}"
-            )
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+        check_latents(latents, self.grid, self.latent_dim)
 
     def action_sets(self, actions: Tensor, length: int | None = None) -> Tensor:
         """Actions as multi-hot sets (B, T, A) float, from ids (B, T) or sets (B, T, A).
 
         Ids must be in [0, num_actions); sets must hold only 0 and 1. `length` cuts to T frames.
         """
-        if length is not None:
-            actions = actions[:, :length]
-        if actions.dim() == 2:
-            if actions.is_floating_point() or actions.dtype == torch.bool:
-                raise ValueError(f"action ids (B, T) must be integers, got {actions.dtype}")
-            bad = (actions < 0) | (actions >= self.num_actions)
-            if bool(bad.any()):
-                values = sorted(set(actions[bad].tolist()))[:10]
-                raise ValueError(
-                    f"action ids must be in [0, {self.num_actions}) "
-                    f"(num_actions={self.num_actions}), got {values}"
-                )
-            return F.one_hot(actions.long(), self.num_actions).float()
-        if actions.dim() == 3:
-            if actions.shape[-1] != self.num_actions:
-                raise ValueError(
-                    f"action sets must be (B, T, num_actions={self.num_actions}), "
-                    f"got {tuple(actions.shape)}"
-                )
-            sets = actions.float()
-            if bool(((sets != 0) & (sets != 1)).any()):
-                raise ValueError("action sets (B, T, num_actions) must be multi-hot (0 or 1)")
-            return sets
-        raise ValueError(
-            f"actions must be ids (B, T) or multi-hot sets (B, T, {self.num_actions}), "
-            f"got shape {tuple(actions.shape)}"
-        )
+        return action_sets(actions, self.num_actions, length)
 
     # ------------------------------------------------------------------ model
     def action_cond(self, sets: Tensor, null: Tensor | bool = False) -> Tensor:
@@ -541,14 +504,7 @@ class Genie2WorldModel(nn.Module, WorldModel):
         """
         self._check_codes(context_tokens, "context_tokens")
         b, t0 = context_tokens.shape[:2]
-        need = t0 + horizon - 1
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if actions.shape[0] != b or actions.dim() < 2 or actions.shape[1] < need:
-            raise ValueError(
-                f"actions must be (B, >= t0 + horizon - 1)=({b}, {need}), "
-                f"got {tuple(actions.shape)}"
-            )
+        need = check_rollout_actions(actions, b, t0, horizon)
         sets = self.action_sets(actions, need)
         return sliding_rollout(
             self,

@@ -51,6 +51,7 @@ from einops import rearrange, repeat
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from worldmodel.models.checks import check_id_dtype, check_id_range
 from worldmodel.models.dynamics import DynamicsCache, DynamicsModel, maskgit_fill
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.masking import draw_mask, mask_strategy_problems, masked_ce
@@ -334,14 +335,8 @@ class MuseWorldModel(nn.Module, WorldModel):
                 f"{name} must be (B, T, h, w) with (h, w) = {self.grid} (the fine grid), "
                 f"got {tuple(tokens.shape)}"
             )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer token ids, got {tokens.dtype}")
-        values = tokens if valid is None else tokens[valid]
-        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= self.vocab_size):
-            raise ValueError(
-                f"{name} ids must be in [0, {self.vocab_size}), got min {int(values.min())}, "
-                f"max {int(values.max())}"
-            )
+        check_id_dtype(tokens, name)
+        check_id_range(tokens if valid is None else tokens[valid], name, self.vocab_size)
 
     # ------------------------------------------------------------------ model
     def coarse_codes(self, tokens: Tensor) -> Tensor:

@@ -59,6 +59,12 @@ from omegaconf import DictConfig
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from worldmodel.models.checks import (
+    action_sets,
+    check_code_ids,
+    check_latents,
+    check_rollout_actions,
+)
 from worldmodel.models.dynamics import SCHEDULES, masked_counts
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.masking import (
@@ -190,33 +196,6 @@ class TemporalTransformer(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # The world model
 # ------------------------------------------------------------------------------------------------
-
-
-def action_sets(actions: Tensor, num_actions: int, length: int | None = None) -> Tensor:
-    """Actions as multi-hot sets (B, T, A) float, from ids (B, T) or sets (B, T, A); `length`
-    cuts to T steps. Ids must be in [0, num_actions), sets hold only 0 and 1."""
-    if length is not None:
-        actions = actions[:, :length]
-    if actions.dim() == 2:
-        if actions.is_floating_point() or actions.dtype == torch.bool:
-            raise ValueError(f"action ids (B, T) must be integers, got {actions.dtype}")
-        bad = (actions < 0) | (actions >= num_actions)
-        if bool(bad.any()):
-            values = sorted(set(actions[bad].tolist()))[:10]
-            raise ValueError(
-                f"action ids must be in [0, {num_actions}) (num_actions={num_actions}), "
-                f"got {values}"
-            )
-        return F.one_hot(actions.long(), num_actions).float()
-    if actions.dim() == 3 and actions.shape[-1] == num_actions:
-        sets = actions.float()
-        if bool(((sets != 0) & (sets != 1)).any()):
-            raise ValueError("action sets (B, T, num_actions) must be multi-hot (0 or 1)")
-        return sets
-    raise ValueError(
-        f"actions must be ids (B, T) or multi-hot sets (B, T, {num_actions}), "
-        f"got shape {tuple(actions.shape)}"
-    )
 
 
 @dataclass
@@ -414,27 +393,10 @@ class TecoWorldModel(nn.Module, WorldModel):
 
     def _check_codes(self, tokens: Tensor, name: str = "tokens") -> None:
         """Codes (B, T, h, w) of this model's grid, ids in [0, codebook_size)."""
-        if tokens.dim() != 4 or tuple(tokens.shape[2:]) != self.grid:
-            raise ValueError(
-                f"{name} must be (B, T, h, w) with (h, w) = {self.grid}, got {tuple(tokens.shape)}"
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer code ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(
-                f"{name} ids must be in [0, {self.codebook_size}), got min {int(tokens.min())}, "
-                f"max {int(tokens.max())}"
-            )
+        check_code_ids(tokens, name, self.grid, self.codebook_size)
 
     def _check_latents(self, latents: Tensor) -> None:
-        want = (*self.grid, self.latent_dim)
-        if latents.dim() != 5 or tuple(latents.shape[2:]) != want:
-            raise ValueError(
-                f"latents must be (B, T, h, w, D) with (h, w, D) = {want}, "
-                f"got {tuple(latents.shape)}"
-            )
-        if not latents.is_floating_point():
-            raise ValueError(f"latents must be floating point, got {latents.dtype}")
+        check_latents(latents, self.grid, self.latent_dim)
 
     # ------------------------------------------------------------------ parts
     def quantize(self, latents: Tensor) -> tuple[Tensor, Tensor, Tensor, dict[str, Tensor]]:
@@ -782,14 +744,7 @@ class TecoWorldModel(nn.Module, WorldModel):
         """
         self._check_codes(context_tokens, "context_tokens")
         b, t0 = context_tokens.shape[:2]
-        need = t0 + horizon - 1
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if actions.shape[0] != b or actions.dim() < 2 or actions.shape[1] < need:
-            raise ValueError(
-                f"actions must be (B, >= t0 + horizon - 1)=({b}, {need}), "
-                f"got {tuple(actions.shape)}"
-            )
+        need = check_rollout_actions(actions, b, t0, horizon)
         sets = action_sets(actions, self.num_actions, need)  # (B, need, A)
         frames = context_tokens.long()
         cache = self.new_cache(frames, sets) if use_cache else None

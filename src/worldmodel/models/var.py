@@ -60,6 +60,13 @@ from einops import rearrange
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import Tensor, nn
 
+from worldmodel.models.checks import (
+    action_sets,
+    check_id_dtype,
+    check_id_range,
+    check_latents,
+    check_rollout_actions,
+)
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.quantize import build_quantizer
 from worldmodel.models.sampling import gumbel_noise, sliding_rollout
@@ -474,40 +481,15 @@ class VARWorldModel(nn.Module, WorldModel):
                 f"{name} must be this model's codes (B, T, 1, L={self.code_len}: scales "
                 f"{self.scales} flattened), got {tuple(tokens.shape)}"
             )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer code ids, got {tokens.dtype}")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.codebook_size):
-            raise ValueError(f"{name} ids must be in [0, {self.codebook_size})")
+        check_id_dtype(tokens, name, "code")
+        check_id_range(tokens, name, self.codebook_size)
 
     def _check_latents(self, latents: Tensor) -> None:
-        want = (*self.grid, self.latent_dim)
-        if latents.dim() != 5 or tuple(latents.shape[2:]) != want:
-            raise ValueError(
-                f"latents must be (B, T, h, w, D) with (h, w, D) = {want}, "
-                f"got {tuple(latents.shape)}"
-            )
+        check_latents(latents, self.grid, self.latent_dim)
 
     def action_sets(self, actions: Tensor, length: int | None = None) -> Tensor:
         """Actions as multi-hot sets (B, T, A) float, from ids (B, T) or sets (B, T, A)."""
-        if length is not None:
-            actions = actions[:, :length]
-        if actions.dim() == 2:
-            if actions.is_floating_point() or actions.dtype == torch.bool:
-                raise ValueError(f"action ids (B, T) must be integers, got {actions.dtype}")
-            bad = (actions < 0) | (actions >= self.num_actions)
-            if bool(bad.any()):
-                values = sorted(set(actions[bad].tolist()))[:10]
-                raise ValueError(f"action ids must be in [0, {self.num_actions}), got {values}")
-            return F.one_hot(actions.long(), self.num_actions).float()
-        if actions.dim() == 3 and actions.shape[-1] == self.num_actions:
-            sets = actions.float()
-            if bool(((sets != 0) & (sets != 1)).any()):
-                raise ValueError("action sets (B, T, num_actions) must be multi-hot (0 or 1)")
-            return sets
-        raise ValueError(
-            f"actions must be ids (B, T) or multi-hot sets (B, T, {self.num_actions}), "
-            f"got shape {tuple(actions.shape)}"
-        )
+        return action_sets(actions, self.num_actions, length)
 
     def encode(self, latents: Tensor) -> Tensor:
         """Frame latents (B, T, h, w, D) -> this model's codes (B, T, 1, L) long."""
@@ -856,14 +838,7 @@ class VARWorldModel(nn.Module, WorldModel):
         holds max_frames - 1 context frames; when it slides, the cache is rebuilt."""
         self._check_codes(tokens, "context_tokens")
         b, t0 = tokens.shape[:2]
-        need = t0 + horizon - 1
-        if horizon < 1:
-            raise ValueError(f"horizon must be >= 1, got {horizon}")
-        if actions.shape[0] != b or actions.dim() < 2 or actions.shape[1] < need:
-            raise ValueError(
-                f"actions must be (B, >= t0 + horizon - 1)=({b}, {need}), "
-                f"got {tuple(actions.shape)}"
-            )
+        need = check_rollout_actions(actions, b, t0, horizon)
         sets = self.action_sets(actions, need)
         return sliding_rollout(
             self,

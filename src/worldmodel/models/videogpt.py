@@ -41,6 +41,8 @@ from omegaconf import DictConfig
 from timm.layers import Mlp
 from torch import Tensor, nn
 
+from worldmodel.models.checks import check_action_ids, check_token_ids
+from worldmodel.models.dynamics import frame_conditions
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.sampling import sliding_rollout
 from worldmodel.models.st_transformer import Attention, KVCache, init_weights
@@ -261,39 +263,15 @@ class VideoGPT(nn.Module, WorldModel):
 
     # ------------------------------------------------------------------ checks
     def _check_tokens(self, tokens: Tensor, name: str, valid: Tensor | None = None) -> None:
-        if tokens.dim() != 4:
-            raise ValueError(f"{name} must be (B, T, h, w), got shape {tuple(tokens.shape)}")
-        if tuple(tokens.shape[2:]) != self.grid:
-            raise ValueError(
-                f"{name} grid {tuple(tokens.shape[2:])} does not match the model's grid "
-                f"{self.grid} (h, w)"
-            )
-        if tokens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"{name} must be integer token ids, got {tokens.dtype}")
-        values = tokens if valid is None else tokens[valid]
-        if values.numel() and (int(values.min()) < 0 or int(values.max()) >= self.vocab_size):
-            raise ValueError(
-                f"{name} ids must be in [0, {self.vocab_size}), got min {int(values.min())}, "
-                f"max {int(values.max())}"
-            )
+        check_token_ids(tokens, name, self.grid, self.vocab_size, valid)
 
     def _check_actions(self, actions: Tensor, valid: Tensor | None = None) -> None:
-        used = actions if valid is None else actions[valid]
-        bad = (used < 0) | (used >= self.num_actions)
-        if bool(bad.any()):
-            values = sorted(set(used[bad].tolist()))[:10]
-            raise ValueError(
-                f"actions must be in [0, {self.num_actions}) (num_actions={self.num_actions}), "
-                f"got {values}"
-            )
+        check_action_ids(actions, self.num_actions, valid)
 
     # ------------------------------------------------------------------ model
     def frame_conditions(self, actions: Tensor, num_frames: int) -> Tensor:
         """Conditioning id per frame (B, T): start id for frame 0, actions[:, t-1] for frame t."""
-        start = torch.full(
-            (actions.shape[0], 1), self.start_id, dtype=torch.long, device=actions.device
-        )
-        return torch.cat([start, actions[:, : num_frames - 1].long()], dim=1)
+        return frame_conditions(actions, num_frames, self.start_id)
 
     def encode_prompt(self, tokens: Tensor) -> Tensor | None:
         """The cross-attention memory (B, M, D) of a clip's prompt frames (B, >= cond_frames,
