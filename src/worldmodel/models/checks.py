@@ -121,3 +121,13 @@ def check_rollout_actions(actions: Tensor, batch: int, context: int, horizon: in
             f"got {tuple(actions.shape)}"
         )
     return need
+
+
+def used_action_sets(actions: Tensor, real: Tensor, num_actions: int) -> Tensor:
+    """Action sets (B, T, A) of a training clip's actions (B, T) ids or (B, T, A) sets whose
+    frames `real` (B, T) bool are real. actions[:, i] drives frame i+1, so it must be valid
+    wherever frame i+1 is real; the rest (the last step, padding; -1 = unknown) conditions no
+    prediction and is replaced by action 0."""
+    used = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)  # (B, T)
+    keep = used if actions.dim() == 2 else used[..., None]
+    return action_sets(torch.where(keep, actions, 0), num_actions)

@@ -48,6 +48,7 @@ from worldmodel.models.checks import (
     check_code_ids,
     check_latents,
     check_rollout_actions,
+    used_action_sets,
 )
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.quantize import build_quantizer
@@ -320,14 +321,7 @@ class Genie2WorldModel(nn.Module, WorldModel):
         real = torch.ones(b, t, dtype=torch.bool, device=actions.device)
         if mask is not None:
             real = mask.bool().to(actions.device)
-        # actions[:, i] drives frame i+1: it must be valid wherever frame i+1 is real; the rest
-        # (the last step, padding; -1 = unknown) conditions no prediction and is replaced
-        used = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)  # (B, T)
-        if actions.dim() == 2:
-            actions = torch.where(used, actions, 0)
-        else:
-            actions = torch.where(used[..., None], actions, 0)
-        sets = self.action_sets(actions)
+        sets = used_action_sets(actions, real, self.num_actions)  # (B, T, A)
 
         loss = torch.zeros((), device=actions.device)
         if "latents" in batch:

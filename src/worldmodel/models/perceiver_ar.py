@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from worldmodel.models.checks import check_action_ids, check_token_ids
 from worldmodel.models.dynamics import frame_conditions
 from worldmodel.models.interfaces import WorldModel
-from worldmodel.models.sampling import gumbel_noise, sliding_rollout
+from worldmodel.models.sampling import gumbel_noise, sliding_rollout, top_k_filter
 from worldmodel.models.st_transformer import Attention, KVCache, init_weights
 from worldmodel.models.videogpt_vqvae import AxisPositions
 
@@ -380,9 +380,7 @@ class PerceiverAR(nn.Module, WorldModel):
         logits = logits.float()
         if temperature <= 0:
             return logits.argmax(dim=-1)
-        if top_k is not None and 0 < top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[:, -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
         noise = gumbel_noise(logits.shape, generator, logits.device)
         return (logits / temperature + noise).argmax(dim=-1)
 

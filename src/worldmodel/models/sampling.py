@@ -1,4 +1,4 @@
-"""Sampling shared by the world models: Gumbel noise, and long rollouts one frame at a time.
+"""Sampling shared by the world models: Gumbel noise, top-k filtering, and long rollouts.
 
 Every world model here (`DynamicsModel`, `VideoGPT`, `Genie2WorldModel`) exposes
 `new_cache(frames, actions)` and `generate_next(frames, actions, cache=..., use_cache=...)`;
@@ -23,6 +23,15 @@ def gumbel_noise(
     """Standard Gumbel noise -log(-log(u)), u ~ U(0, 1), finite everywhere."""
     u = torch.rand(shape, generator=generator, device=device).clamp_min(1e-20)
     return -torch.log((-torch.log(u)).clamp_min(1e-20))  # u < 1, so -log(u) > 0
+
+
+def top_k_filter(logits: Tensor, top_k: int | None) -> Tensor:
+    """Logits (..., V) with every entry below the row's k-th largest set to -inf; None, 0 or
+    k >= V keep everything."""
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return logits
 
 
 @torch.no_grad()

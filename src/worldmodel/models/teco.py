@@ -64,6 +64,7 @@ from worldmodel.models.checks import (
     check_code_ids,
     check_latents,
     check_rollout_actions,
+    used_action_sets,
 )
 from worldmodel.models.dynamics import SCHEDULES, masked_counts
 from worldmodel.models.interfaces import WorldModel
@@ -535,11 +536,7 @@ class TecoWorldModel(nn.Module, WorldModel):
         real = torch.ones(b, t, dtype=torch.bool, device=actions.device)
         if mask is not None:
             real = mask.bool().to(actions.device)
-        # actions[:, i] drives frame i+1: it must be valid wherever frame i+1 is real; the rest
-        # (the last step, padding; -1 = unknown) conditions nothing and is replaced
-        used = torch.cat([real[:, 1:], torch.zeros_like(real[:, :1])], dim=1)  # (B, T)
-        keep = used if actions.dim() == 2 else used[..., None]
-        sets = action_sets(torch.where(keep, actions, 0), self.num_actions)  # (B, T, A)
+        sets = used_action_sets(actions, real, self.num_actions)  # (B, T, A)
 
         loss = torch.zeros((), device=actions.device)
         if "latents" in batch:

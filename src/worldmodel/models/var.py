@@ -66,10 +66,11 @@ from worldmodel.models.checks import (
     check_id_range,
     check_latents,
     check_rollout_actions,
+    used_action_sets,
 )
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.quantize import build_quantizer
-from worldmodel.models.sampling import gumbel_noise, sliding_rollout
+from worldmodel.models.sampling import gumbel_noise, sliding_rollout, top_k_filter
 from worldmodel.models.st_transformer import init_weights
 
 Scale = tuple[int, int]
@@ -609,13 +610,8 @@ class VARWorldModel(nn.Module, WorldModel):
         real = batch.get("mask")
         real = torch.ones(b, t, dtype=torch.bool) if real is None else real.bool()
         real = real.to(actions.device)
-        # actions[:, i] drives frame i + 1: only those leading to a real frame must be valid
-        used = real[:, 1:]
-        acts = actions[:, : t - 1]
-        acts = (
-            torch.where(used, acts, 0) if acts.dim() == 2 else torch.where(used[..., None], acts, 0)
-        )
-        sets = self.action_sets(acts)  # (B, T-1, A)
+        # actions[:, i] drives frame i + 1: the last one drives none
+        sets = used_action_sets(actions, real, self.num_actions)[:, : t - 1]  # (B, T-1, A)
 
         if "latents" in batch:
             z = rearrange(latents.float(), "b t h w d -> (b t) d h w")
@@ -696,9 +692,7 @@ class VARWorldModel(nn.Module, WorldModel):
         logits = self.head(hidden).float()  # (B, n, K)
         if temperature == 0:
             return logits.argmax(-1)
-        if 0 < top_k < logits.shape[-1]:
-            kth = logits.topk(top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits = top_k_filter(logits, top_k)
         noise = gumbel_noise(logits.shape, generator, logits.device)
         return (logits / temperature + noise).argmax(-1)
 
