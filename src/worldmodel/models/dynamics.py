@@ -103,6 +103,7 @@ def maskgit_fill(
     generator: torch.Generator | None = None,
     confidence_noise: float = 0.0,
     device: torch.device | str | None = None,
+    gumbel_max: bool = False,
 ) -> Tensor:
     """MaskGIT's iterative decoding of one frame of `shape` (B, N) token ids, all masked at first.
 
@@ -110,7 +111,9 @@ def maskgit_fill(
     and `head` maps them to logits (B, ., V). Each of the `steps` iterations samples every masked
     token, keeps the most confident ones and re-masks the rest following `schedule`
     (`masked_counts`); `temperature` 0 is greedy; `confidence_noise` > 0 adds MaskGIT's annealed
-    Gumbel noise to the confidences that choose what to keep. Returns the frame (B, N) long.
+    Gumbel noise to the confidences that choose what to keep. Samples are drawn by inverse CDF
+    (one uniform per token), or by Gumbel-max with `gumbel_max` (TECO's prior: the same
+    distribution, another use of the generator). Returns the frame (B, N) long.
     """
     b, n = shape
     frame = torch.full((b, n), mask_id, dtype=torch.long, device=device)
@@ -126,7 +129,11 @@ def maskgit_fill(
         picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
         logits = head(picked).float()  # (B, m, V)
         vocab = logits.shape[-1]
-        if temperature > 0:
+        if temperature > 0 and gumbel_max:
+            logits = logits / temperature
+            sampled = (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
+            probs = F.softmax(logits, dim=-1)
+        elif temperature > 0:
             probs = F.softmax(logits / temperature, dim=-1)
             # inverse-CDF sampling: one uniform per token (torch.multinomial draws one
             # exponential per vocabulary entry, ~10x the cost here)

@@ -66,7 +66,7 @@ from worldmodel.models.checks import (
     check_rollout_actions,
     used_action_sets,
 )
-from worldmodel.models.dynamics import SCHEDULES, masked_counts
+from worldmodel.models.dynamics import SCHEDULES, maskgit_fill
 from worldmodel.models.interfaces import WorldModel
 from worldmodel.models.masking import (
     check_mask_strategy,
@@ -75,7 +75,6 @@ from worldmodel.models.masking import (
     masked_ce,
 )
 from worldmodel.models.quantize import build_quantizer
-from worldmodel.models.sampling import gumbel_noise
 from worldmodel.models.st_transformer import STTransformer, init_weights
 
 # ------------------------------------------------------------------------------------------------
@@ -690,34 +689,19 @@ class TecoWorldModel(nn.Module, WorldModel):
     ) -> Tensor:
         """One frame (B, h, w) decoded by the prior in `steps` passes from its state (B, 1, dim),
         state map (B, 1, S, h, w) and action conditioning (B, 1, pd)."""
-        b, n = state.shape[0], self.num_tokens
-        frame = torch.full((b, n), self.mask_id, dtype=torch.long, device=state.device)
-        counts = masked_counts(steps, n, schedule)
-        for s in range(steps):
-            still = frame == self.mask_id  # (B, N): the same count in every row
-            m = int(still[0].sum())
-            if m == 0:
-                break
-            hidden = self.prior_hidden(frame[:, None], state, up, act)[:, 0]  # (B, N, pd)
-            where = still.nonzero()[:, 1].view(b, m)  # (B, m) masked positions, ascending
-            picked = hidden.gather(1, where[..., None].expand(-1, -1, hidden.shape[-1]))
-            logits = self.head(picked).float()  # (B, m, K)
-            if temperature > 0:
-                logits = logits / temperature
-                sampled = (logits + gumbel_noise(logits.shape, generator, logits.device)).argmax(-1)
-            else:
-                sampled = logits.argmax(dim=-1)
-            conf = F.softmax(logits, dim=-1).gather(-1, sampled[..., None])[..., 0]  # (B, m)
-            if confidence_noise > 0:
-                gumbel = gumbel_noise(conf.shape, generator, conf.device)
-                conf = (
-                    conf.clamp_min(1e-20).log() + confidence_noise * (1 - (s + 1) / steps) * gumbel
-                )
-            frame.scatter_(1, where, sampled)  # commit every sample, then re-mask the least sure
-            remask = counts[s + 1]
-            if remask > 0:
-                lowest = conf.topk(remask, dim=-1, largest=False).indices  # (B, remask)
-                frame.scatter_(1, where.gather(1, lowest), self.mask_id)
+        frame = maskgit_fill(
+            lambda frame: self.prior_hidden(frame[:, None], state, up, act)[:, 0],  # (B, N, pd)
+            self.head,
+            (state.shape[0], self.num_tokens),
+            self.mask_id,
+            steps,
+            temperature,
+            schedule,
+            generator,
+            confidence_noise,
+            state.device,
+            gumbel_max=True,
+        )  # (B, N)
         return rearrange(frame, "b (h w) -> b h w", h=self.grid[0])
 
     @torch.no_grad()
