@@ -11,14 +11,6 @@ V, A, H, W = 16, 5, 4, 4
 MOVES = torch.tensor([[0, 0], [-1, 0], [1, 0], [0, -1], [0, 1]])  # stay, up, down, left, right
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**kwargs) -> DynamicsModel:
     torch.manual_seed(0)
     args = dict(vocab_size=V, num_actions=A, grid=[H, W], max_frames=6, dim=32, depth=2, heads=4)

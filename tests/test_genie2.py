@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import SMOKE_DATA, SMOKE_TOKENIZER, compose_config, save_checkpoint
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -20,19 +20,13 @@ from worldmodel.models.genie2 import Genie2WorldModel, gumbel_sample, min_p_filt
 from worldmodel.pipeline import PipelineError, build_datasets
 from worldmodel.play import play
 from worldmodel.play.typed import genie2_world, parse_actions, run_typed
-from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
 from worldmodel.train.loop import train
 
 A = 8  # actions; procgen's `right` is 7
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _model(**kwargs) -> Genie2WorldModel:
@@ -271,39 +265,12 @@ def test_parse_actions():
         parse_actions("9", names, A)
 
 
-TOKENIZER = {
-    "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
-    "name": "tokenizer",
-    "channels": [8, 16],
-    "spatial_downsample": 8,  # 64x64 frames -> 8x8 latents
-    "num_res_blocks": 1,
-    "num_mid_blocks": 1,
-    "quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]},  # D = 4, as smoke_genie2 expects
-}
-DATA = [  # the tiny recording the world-model evaluation tests use too
-    "data.train_frames=300",
-    "data.val_frames=300",
-    "data.num_envs=4",
-    "data.train_num_levels=20",
-    "logger=none",
-    "trainer.progress=false",
-    "trainer.threads=1",
-]
-
-
 def _tokenizer(path, data_cfg) -> torch.nn.Module:
     """A randomly initialised tokenizer saved as a real checkpoint (its encoder is the frozen
     image encoder; nothing here needs it trained)."""
     torch.manual_seed(0)
-    tokenizer = instantiate(OmegaConf.create(TOKENIZER)).eval()
-    atomic_save(
-        {
-            "model": tokenizer.state_dict(),
-            "step": 0,
-            "config": {"model": TOKENIZER, "data": data_cfg},
-        },
-        path,
-    )
+    tokenizer = instantiate(OmegaConf.create(SMOKE_TOKENIZER)).eval()
+    save_checkpoint(SMOKE_TOKENIZER, data_cfg, path, tokenizer)
     return tokenizer
 
 
@@ -331,7 +298,7 @@ def test_typed_loop_writes_a_frame_per_line(tmp_path):
 def test_smoke_run_learns_on_cached_latents(tmp_path):
     run_dir = tmp_path / "run"
     cfg = compose_config(
-        ["experiment=smoke_genie2", *DATA, "trainer.val_every=30"],
+        ["experiment=smoke_genie2", *SMOKE_DATA, "trainer.val_every=30"],
         run_dir=run_dir,
     )
     data = OmegaConf.to_container(cfg.data, resolve=True)
@@ -373,7 +340,9 @@ def test_smoke_run_learns_on_cached_latents(tmp_path):
     play_dir = tmp_path / "play"
     last = run_dir / "checkpoints" / "last.pt"
     overrides = ["task=play", f"checkpoint={last}", "++play.actions=[7,'7+5',3]"]
-    play_cfg = compose_config(["experiment=smoke_genie2", *DATA, *overrides], run_dir=play_dir)
+    play_cfg = compose_config(
+        ["experiment=smoke_genie2", *SMOKE_DATA, *overrides], run_dir=play_dir
+    )
     record = play(play_cfg)
     assert record["actions"] == [[7], [5, 7], [3]] and record["num_frames"] == 4
     assert len(list(play_dir.glob("frame_*.png"))) == 4 and (play_dir / "play.json").is_file()
@@ -382,7 +351,9 @@ def test_smoke_run_learns_on_cached_latents(tmp_path):
     # are decoded through its latent decoder and the frozen tokenizer
     eval_dir = tmp_path / "eval"
     overrides = ["task=eval", f"checkpoint={last}", "eval.batches=1", "eval.batch_size=4"]
-    eval_cfg = compose_config(["experiment=smoke_genie2", *DATA, *overrides], run_dir=eval_dir)
+    eval_cfg = compose_config(
+        ["experiment=smoke_genie2", *SMOKE_DATA, *overrides], run_dir=eval_dir
+    )
     result = evaluate(eval_cfg)
     m = result["metrics"]
     assert result["model"] == "genie2" and result["num_clips"] == 4

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, save_checkpoint
 from omegaconf import OmegaConf
+from test_world_eval import DATA, TOKENIZER
 
 from worldmodel.config import instantiate, validate
 from worldmodel.data.dataset import ClipDataset
@@ -32,7 +33,6 @@ from worldmodel.eval.memory import (
     score_returns,
 )
 from worldmodel.eval.runner import evaluate
-from worldmodel.train.checkpoint import atomic_save
 from worldmodel.world import World
 
 SIZE = 64
@@ -190,37 +190,6 @@ def test_memory_stderr_is_clustered_by_episode(split):
 # A tiny real world, evaluated end to end
 # ------------------------------------------------------------------------------------------------
 
-DATA = [
-    "data.train_frames=300",
-    "data.val_frames=300",
-    "data.num_envs=4",
-    "data.train_num_levels=20",
-    "data.clip_length=10",
-    "trainer.progress=false",
-    "trainer.threads=1",
-    "logger=none",
-]
-TOKENIZER = {
-    "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
-    "name": "tokenizer",
-    "channels": [8, 16],
-    "spatial_downsample": 8,  # 64x64 frames -> 8x8 tokens
-    "num_res_blocks": 1,
-    "num_mid_blocks": 1,
-    "quantizer": {"kind": "fsq", "levels": [5, 5, 5]},
-}
-
-
-def _save(model_cfg: dict, data_cfg: dict, path: Path) -> Path:
-    model = instantiate(OmegaConf.create(model_cfg))
-    state = {
-        "model": model.state_dict(),
-        "step": 0,
-        "config": {"model": model_cfg, "data": data_cfg},
-    }
-    atomic_save(state, path)
-    return path
-
 
 @pytest.fixture(scope="module")
 def tiny_world(tmp_path_factory) -> Path:
@@ -230,7 +199,7 @@ def tiny_world(tmp_path_factory) -> Path:
     cfg = compose_config(DATA)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     instantiate(cfg.data).datasets()  # record the clips once
-    tokenizer = _save(TOKENIZER, data, root / "tokenizer.pt")
+    tokenizer = save_checkpoint(TOKENIZER, data, root / "tokenizer.pt")
     dynamics = {
         "_target_": "worldmodel.models.dynamics.DynamicsModel",
         "name": "dynamics",
@@ -243,7 +212,7 @@ def tiny_world(tmp_path_factory) -> Path:
         "num_actions": 15,
         "pipeline": {"tokenizer_checkpoint": str(tokenizer), "action_source": "true"},
     }
-    return _save(dynamics, data, root / "dynamics.pt")
+    return save_checkpoint(dynamics, data, root / "dynamics.pt")
 
 
 def _evaluate(checkpoint: Path, run_dir: Path, *overrides: str) -> dict:

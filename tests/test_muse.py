@@ -7,32 +7,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import SMOKE_DATA, SMOKE_TOKENIZER, compose_config, save_checkpoint
+from conftest import run_py as _run_py
 from einops import rearrange
 from omegaconf import OmegaConf
 
-from worldmodel.config import ConfigError, instantiate, validate
+from worldmodel.config import ConfigError, validate
 from worldmodel.models.muse import MuseWorldModel
 from worldmodel.tasks import run_task
-from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
 
 A = 5  # actions
 V = 32  # fine vocabulary
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _model(**kwargs) -> MuseWorldModel:
@@ -213,55 +206,19 @@ def test_bad_grids_and_inputs_are_rejected_clearly():
         validate(cfg)
 
 
-TOKENIZER = {
-    "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
-    "name": "tokenizer",
-    "channels": [8, 16],
-    "spatial_downsample": 8,  # 64x64 frames -> 8x8 tokens, the fine grid of smoke_muse
-    "num_res_blocks": 1,
-    "num_mid_blocks": 1,
-    "quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]},  # 1000 codes, as smoke_muse expects
-}
-DATA = [  # the tiny recording the world-model evaluation tests use too
-    "data.train_frames=300",
-    "data.val_frames=300",
-    "data.num_envs=4",
-    "data.train_num_levels=20",
-    "logger=none",
-    "trainer.progress=false",
-    "trainer.threads=1",
-]
-
-
 def run_py(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return out
+    return _run_py(*args, env={"OMP_NUM_THREADS": "1"})
 
 
 def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path):
     """A randomly initialised tokenizer (8x8 tokens) saved as a real checkpoint is the frozen fine
     tokenizer; the smoke recipe trains both stages on its tokens (coarse 4x4), evaluates and
     plays."""
-    data = OmegaConf.to_container(compose_config(["experiment=smoke_muse", *DATA]).data)
+    data = OmegaConf.to_container(compose_config(["experiment=smoke_muse", *SMOKE_DATA]).data)
     torch.manual_seed(0)
-    tokenizer = instantiate(OmegaConf.create(TOKENIZER)).eval()
-    tok = tmp_path / "tokenizer.pt"
-    atomic_save(
-        {"model": tokenizer.state_dict(), "step": 0, "config": {"model": TOKENIZER, "data": data}},
-        tok,
-    )
+    tok = save_checkpoint(SMOKE_TOKENIZER, data, tmp_path / "tokenizer.pt")
     run_dir = tmp_path / "run"
-    common = ["experiment=smoke_muse", *DATA, f"model.pipeline.tokenizer_checkpoint={tok}"]
+    common = ["experiment=smoke_muse", *SMOKE_DATA, f"model.pipeline.tokenizer_checkpoint={tok}"]
     run_py(
         *common,
         f"hydra.run.dir={run_dir}",

@@ -5,15 +5,13 @@ trained, evaluated and played through `run.py`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import compose_config, run_py, save_checkpoint
 from omegaconf import OmegaConf
-from test_world_eval import TOKENIZER, _save
+from test_world_eval import TOKENIZER
 
 from worldmodel.config import ConfigError, validate
 from worldmodel.models.perceiver_ar import PerceiverAR
@@ -24,12 +22,7 @@ N = H * W
 FAST = ["logger=none", "trainer.progress=false", "trainer.threads=1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def tiny(**kwargs) -> PerceiverAR:
@@ -225,28 +218,19 @@ def test_bad_configs_and_inputs_are_rejected_clearly() -> None:
 def test_smoke_recipe_trains_evaluates_and_plays_through_run_py(tmp_path: Path) -> None:
     # a random-weight tokenizer (8x8 tokens, FSQ 5,5,5): what is scored here is the plumbing
     data = OmegaConf.to_container(compose_config(["experiment=smoke_tokenizer"]).data, resolve=True)
-    tokenizer = _save(TOKENIZER, data, tmp_path / "tokenizer.pt")
+    tokenizer = save_checkpoint(TOKENIZER, data, tmp_path / "tokenizer.pt")
     run_dir = tmp_path / "train"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "run.py"),
-            "experiment=smoke_perceiver_ar",
-            f"model.pipeline.tokenizer_checkpoint={tokenizer}",
-            "model.vocab_size=125",
-            "trainer.max_steps=20",
-            "trainer.val_every=10",
-            "eval.after_train=true",
-            "eval.control.enabled=false",  # the inverse-dynamics model is another test's
-            f"hydra.run.dir={run_dir}",
-            *FAST,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    run_py(
+        "experiment=smoke_perceiver_ar",
+        f"model.pipeline.tokenizer_checkpoint={tokenizer}",
+        "model.vocab_size=125",
+        "trainer.max_steps=20",
+        "trainer.val_every=10",
+        "eval.after_train=true",
+        "eval.control.enabled=false",  # the inverse-dynamics model is another test's
+        f"hydra.run.dir={run_dir}",
+        *FAST,
     )
-    assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["model"] == "perceiver_ar" and result["step"] == 20
     metrics = result["metrics"]

@@ -8,22 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-
-
-def run_py(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if check and out.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return out
+from conftest import ROOT, run_py
 
 
 def test_train_then_eval(tmp_path):

@@ -10,13 +10,7 @@ from worldmodel.models.tokenizer import VideoTokenizer
 FSQ = {"kind": "fsq", "levels": [8, 5, 5, 5]}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: these small models gain nothing from two, and a shared machine stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def tiny(**kwargs) -> VideoTokenizer:

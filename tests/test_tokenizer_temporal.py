@@ -9,8 +9,7 @@ import json
 
 import pytest
 import torch
-from conftest import compose_config
-from test_run import run_py
+from conftest import compose_config, run_py
 
 from worldmodel.build import build_model
 from worldmodel.config import ConfigError, validate
@@ -24,13 +23,7 @@ from worldmodel.world import FrameLayout, World
 SMOKE = "experiment=smoke_tokenizer_t4"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: these small models gain nothing from two, and a shared machine stalls them."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small models: one thread is fastest
 
 
 def recipe_model(experiment: str, *overrides: str) -> VideoTokenizer:

@@ -10,25 +10,19 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import SMOKE_DATA, SMOKE_TOKENIZER, compose_config, save_checkpoint
 from omegaconf import OmegaConf
 
-from worldmodel.config import ConfigError, instantiate, validate
+from worldmodel.config import ConfigError, validate
 from worldmodel.models.var import VARWorldModel, block_causal_mask, parse_scales
 from worldmodel.tasks import run_task
-from worldmodel.train.checkpoint import atomic_save
 from worldmodel.train.logging import read_metrics
 from worldmodel.world import World
 
 A = 8  # actions
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest on a shared machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread is fastest
 
 
 def _model(**kwargs) -> VARWorldModel:
@@ -226,35 +220,12 @@ def test_bad_scales_and_inputs_are_rejected_clearly():
         model.generate_next(torch.zeros(1, 4, 1, 21, dtype=torch.long), _actions(1, 4))
 
 
-TOKENIZER = {
-    "_target_": "worldmodel.models.tokenizer.VideoTokenizer",
-    "name": "tokenizer",
-    "channels": [8, 16],
-    "spatial_downsample": 8,  # 64x64 frames -> 8x8 latents
-    "num_res_blocks": 1,
-    "num_mid_blocks": 1,
-    "quantizer": {"kind": "fsq", "levels": [8, 5, 5, 5]},  # D = 4, as smoke_var expects
-}
-DATA = [  # the tiny recording the world-model evaluation tests use too
-    "data.train_frames=300",
-    "data.val_frames=300",
-    "data.num_envs=4",
-    "data.train_num_levels=20",
-    "logger=none",
-    "trainer.progress=false",
-    "trainer.threads=1",
-]
-
-
 def test_smoke_trains_evaluates_and_plays_through_the_tasks(tmp_path):
     run_dir = tmp_path / "run"
-    cfg = compose_config(["experiment=smoke_var", *DATA], run_dir=run_dir)
-    tok = tmp_path / "tokenizer.pt"
+    cfg = compose_config(["experiment=smoke_var", *SMOKE_DATA], run_dir=run_dir)
     torch.manual_seed(0)  # a random tokenizer: its encoder is the frozen image encoder
-    tokenizer = instantiate(OmegaConf.create(TOKENIZER)).eval()
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    config = {"model": TOKENIZER, "data": data}
-    atomic_save({"model": tokenizer.state_dict(), "step": 0, "config": config}, tok)
+    tok = save_checkpoint(SMOKE_TOKENIZER, data, tmp_path / "tokenizer.pt")
     cfg.model.pipeline.tokenizer_checkpoint = str(tok)
     run_task(validate(cfg))
 
@@ -276,7 +247,7 @@ def test_smoke_trains_evaluates_and_plays_through_the_tasks(tmp_path):
     last = run_dir / "checkpoints" / "last.pt"
     eval_dir = tmp_path / "eval"
     overrides = ["task=eval", f"checkpoint={last}", "eval.batches=1", "eval.batch_size=4"]
-    eval_cfg = compose_config(["experiment=smoke_var", *DATA, *overrides], run_dir=eval_dir)
+    eval_cfg = compose_config(["experiment=smoke_var", *SMOKE_DATA, *overrides], run_dir=eval_dir)
     run_task(validate(eval_cfg))
     result = json.loads((eval_dir / "eval.json").read_text())
     m = result["metrics"]
@@ -287,7 +258,7 @@ def test_smoke_trains_evaluates_and_plays_through_the_tasks(tmp_path):
     # task=play, headless: one frame per scripted step
     play_dir = tmp_path / "play"
     overrides = ["task=play", f"checkpoint={last}", "++play.actions=[7,7,3,5,7]"]
-    play_cfg = compose_config(["experiment=smoke_var", *DATA, *overrides], run_dir=play_dir)
+    play_cfg = compose_config(["experiment=smoke_var", *SMOKE_DATA, *overrides], run_dir=play_dir)
     record = run_task(validate(play_cfg))
     assert record["num_frames"] == 6 and (play_dir / "play.json").is_file()
     assert len(list(play_dir.glob("frame_*.png"))) == 6

@@ -22,14 +22,6 @@ V, A, H, W = 16, 5, 3, 4
 FAST = ["logger=none", "trainer.progress=false", "trainer.threads=1"]
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds overhead
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vqvae(**kwargs) -> VideoGPTVQVAE:
     torch.manual_seed(0)
     args = dict(

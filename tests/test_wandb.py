@@ -4,17 +4,15 @@ media, and `run.log` under DDP. Real offline W&B runs, read back from their `.wa
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import run_py as _run_py
 
 from worldmodel.media import plot_curve, save_grid
 from worldmodel.train.logging import flatten, log_eval, media_panels, wandb_identity
@@ -116,18 +114,7 @@ def offline_runs(run_dir: Path) -> dict[str, OfflineRun]:
 
 
 def run_py(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "run.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if out.returncode != 0:
-        raise AssertionError(f"run.py {' '.join(args)} failed:\n{out.stderr[-3000:]}")
-    return out
+    return _run_py(*args, env={"WANDB_SILENT": "true"})
 
 
 # Media each stage's runs must hold (training run: validation grid; eval run: eval.json's media).

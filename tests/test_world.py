@@ -11,10 +11,10 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, compose_config, save_checkpoint
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
-from test_world_eval import DATA, DYNAMICS, TOKENIZER, _save, build_world
+from test_world_eval import DATA, DYNAMICS, TOKENIZER, build_world
 
 from worldmodel.eval.runner import evaluate
 from worldmodel.world import World, read_world_metadata, to_uint8_frame
@@ -128,10 +128,10 @@ def test_a_refining_world_starts_from_its_prompt_and_decodes_from_the_last_frame
     torch.manual_seed(0)
     cfg = compose_config(DATA)
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    tokenizer = _save({**TOKENIZER, "refiner_width": 8}, data, tmp_path / "tokenizer.pt")
+    tokenizer = save_checkpoint({**TOKENIZER, "refiner_width": 8}, data, tmp_path / "tokenizer.pt")
     pipeline = {"tokenizer_checkpoint": str(tokenizer), "action_source": "true"}
     dyn = {**DYNAMICS, "vocab_size": 125, "num_actions": 15, "pipeline": pipeline}
-    w = World.load(_save(dyn, data, tmp_path / "dynamics.pt"))
+    w = World.load(save_checkpoint(dyn, data, tmp_path / "dynamics.pt"))
     assert w.tokenizer.refines
     first = w.reset(PROMPT)
     assert np.array_equal(first, PROMPT)  # the prompt itself, not its coarse decoding

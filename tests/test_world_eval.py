@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import compose_config
+from conftest import compose_config, save_checkpoint
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -25,7 +25,6 @@ from worldmodel.config import instantiate
 from worldmodel.eval import lam as EL
 from worldmodel.eval import world as W
 from worldmodel.eval.runner import evaluate
-from worldmodel.train.checkpoint import atomic_save
 from worldmodel.world import FrameLayout, World
 
 DATA = [
@@ -84,23 +83,13 @@ class TinyWorld:
         return compose_config([*DATA, f"checkpoint={checkpoint}", *overrides], run_dir=run_dir)
 
 
-def _save(model_cfg: dict, data_cfg: dict, path: Path) -> Path:
-    """A checkpoint in the project's format (model weights, step, resolved config)."""
-    model = instantiate(OmegaConf.create(model_cfg))
-    atomic_save(
-        {"model": model.state_dict(), "step": 0, "config": {"model": model_cfg, "data": data_cfg}},
-        path,
-    )
-    return path
-
-
 def build_world(root: Path) -> TinyWorld:
     torch.manual_seed(0)
     cfg = compose_config(DATA)
     data = OmegaConf.to_container(cfg.data, resolve=True)
     instantiate(cfg.data).datasets()  # record the clips once
-    tokenizer = _save(TOKENIZER, data, root / "tokenizer.pt")
-    lam = _save(LAM, data, root / "lam.pt")
+    tokenizer = save_checkpoint(TOKENIZER, data, root / "tokenizer.pt")
+    lam = save_checkpoint(LAM, data, root / "lam.pt")
     vocab = 5 * 5 * 5
     dynamics = []
     for source, num_actions in (("true", 15), ("latent", LAM["num_actions"])):
@@ -110,7 +99,7 @@ def build_world(root: Path) -> TinyWorld:
             "action_source": source,
         }
         dyn = {**DYNAMICS, "vocab_size": vocab, "num_actions": num_actions, "pipeline": pipeline}
-        dynamics.append(_save(dyn, data, root / f"dynamics_{source}.pt"))
+        dynamics.append(save_checkpoint(dyn, data, root / f"dynamics_{source}.pt"))
     return TinyWorld(tokenizer, lam, *dynamics)
 
 
