@@ -30,6 +30,7 @@ forked, seeded global RNG: the same checkpoint and config give the same numbers.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -270,11 +271,14 @@ class Control:
     # each command is held for 1..hold steps (`eval.control.hold`), as the recording held them
     hold: int = 1
 
-    def draw(self, shape: tuple[int, int], gen: torch.Generator) -> Tensor:
-        """True actions drawn uniformly from those the model can be commanded with, each held
-        1..`hold` steps (`eval.control.held_commands`)."""
+    def draw(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        """True actions (`shape`: (B, T) rows of commands, or (N,) one row) drawn uniformly from
+        those the model can be commanded with, each held 1..`hold` steps
+        (`eval.control.held_commands`)."""
         allowed = torch.nonzero(self.table >= 0).flatten().to(gen.device)
-        return held_commands(allowed, shape, self.hold, gen).to(self.table.device)
+        rows = tuple(shape) if len(shape) == 2 else (1, math.prod(shape))  # (B, T)
+        commands = held_commands(allowed, rows, self.hold, gen)  # (B, T)
+        return commands.reshape(shape).to(self.table.device)
 
 
 def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> Control | None:
