@@ -22,9 +22,12 @@ from PIL import Image
 
 from worldmodel.build import load_model
 from worldmodel.config import instantiate
+from worldmodel.data.tokens import latent_actions
 from worldmodel.eval import lam as EL
 from worldmodel.eval import world as W
+from worldmodel.eval.clips import true_action_mapping
 from worldmodel.eval.runner import evaluate
+from worldmodel.pipeline import cache_key, lam_runs_bf16
 from worldmodel.world import FrameLayout, World
 
 DATA = [
@@ -259,7 +262,7 @@ def test_evaluate_dynamics_on_latent_actions(world, tmp_path):
     tokens = W.token_val(parts, pixels)
     clip = tokens[0]["actions"][:-1]
     assert clip.min() >= 0 and clip.max() < 4  # LAM codes, not the 15 true actions
-    confusion, mapping = W.true_action_mapping(pixels, tokens, 4)
+    confusion, mapping = true_action_mapping(pixels, tokens, 4)
     assert confusion.shape == (15, 4) and set(mapping.values()) <= set(range(4))
     assert int(confusion.sum()) == pixels.num_frames - pixels.num_episodes  # one per transition
 
@@ -303,3 +306,29 @@ def test_eval_clip_length_sets_the_scored_clips_of_a_world(world, tmp_path):
     assert result["data"]["clip_length"] == 6
     assert len(result["metrics"]["rollout_psnr_changing"]) == 5  # 1 context frame + 5
     assert cfg.data.clip_length == 10  # the caller's config is left as it was
+
+
+def test_bf16_lam_labels_under_autocast_with_its_own_cache_key(world, tmp_path):
+    """A LAM trained in bf16 labels the frames under bf16 autocast, and the token cache's key
+    says so (fp32 and bf16 labels never share a folder); its codes are the LAM's codes."""
+    lam, lam_cfg, _ = load_model(world.lam)
+    assert not lam_runs_bf16(lam_cfg) and not lam_runs_bf16(None)
+    bf16_cfg = OmegaConf.merge(lam_cfg, {"trainer": {"precision": "bf16"}})
+    assert lam_runs_bf16(bf16_cfg)
+
+    state = torch.load(world.dynamics_latent, weights_only=True)
+    p = OmegaConf.create(state["config"]["model"]["pipeline"])
+    assert cache_key(p, True, True) != cache_key(p, True, False) == cache_key(p, True)
+    assert cache_key(p, False, True) == cache_key(p, False)  # no LAM: nothing to label
+
+    clips = instantiate(world.config(world.dynamics_latent).data).split("val")
+    frames = np.load(clips.frames_path, mmap_mode="r")
+    fp32 = latent_actions(lam, frames, clips.episodes, 4)
+    bf16 = latent_actions(lam, frames, clips.episodes, 4, bf16=True)
+    assert fp32.shape == bf16.shape == (len(frames),)
+    assert np.array_equal(fp32 < 0, bf16 < 0)  # the same transitions are labelled
+    assert bf16.max() < lam.num_actions and (bf16 >= 0).mean() > 0.5
+    assert (fp32 == bf16).mean() > 0.5  # a random-init LAM's codes mostly survive bf16
+
+    parts = World.load(world.dynamics_latent)
+    assert not parts.lam_bf16 and parts.cache_key == cache_key(p, True)

@@ -15,10 +15,11 @@ model's checkpoint. Each prints a JSON object (and writes it with `--out`).
 - ceiling: records a test split of the demo's data with `data.max_action_repeat=R` (R=1: a fresh
   move every recorded step, as i.i.d. commands are) and reports the demo IDM's accuracy on it:
   the control accuracy a perfect world would get under such commands.
-- control: rolls a world out from 1 real frame for 8 frames under commands (i.i.d., held 1..4
-  steps, and for a latent world held commands mapped per key by P(key | code) instead of by the
-  majority code), reads them back with the IDM, and for a latent world holds each code for all 8
-  frames (what the world does with a fixed code, read by the IDM).
+- control: rolls a world out from 1 real frame for 8 frames under commands (i.i.d., held as
+  the recipe's `eval.control.hold` says, and for a latent world held commands mapped per key
+  by P(key | code) instead of by the majority code), reads them back with the IDM, and for a
+  latent world holds each code for all 8 frames (what the world does with a fixed code, read
+  by the IDM).
 - tokenizer: the IDM on real transitions decoded from their tokens (one step from the real
   previous frame; chained over a clip as rollouts are decoded): what the token grid keeps of a move.
 """
@@ -59,9 +60,11 @@ MOVES = [1, 2, 4, 5, 7, 8]  # CoinRun's distinct moves (data.action_set of the r
 
 
 def demo_data_overrides() -> list[str]:
-    """The data settings of the demo recipe (its `common:` overrides of data.*)."""
+    """The data and control settings of the demo recipe (its `common:` overrides of data.* and
+    eval.control.*)."""
     recipe = yaml.safe_load((ROOT / "conf" / "experiment" / "demo.yaml").read_text())
-    return [o for o in recipe["common"] if o.lstrip("+").startswith("data.")]
+    keep = ("data.", "eval.control.")
+    return [o for o in recipe["common"] if o.lstrip("+").startswith(keep)]
 
 
 def compose_demo(*overrides: str):
@@ -147,9 +150,10 @@ def control_report(checkpoint: str, split: str, batches: int, fixed_batches: int
             by_posterior[a] = int(posterior[a].argmax())
         tables["posterior"] = by_posterior
     report["tables"] = {k: {m: int(v[m]) for m in MOVES} for k, v in tables.items()}
-    variants = [("iid", 1, "majority"), ("held4", 4, "majority")]
+    hold = int(cfg.eval.control.hold)  # the recipe's: commands held 1..hold steps
+    variants = [("iid", 1, "majority"), (f"held{hold}", hold, "majority")]
     if "posterior" in tables:
-        variants.append(("held4_posterior", 4, "posterior"))
+        variants.append((f"held{hold}_posterior", hold, "posterior"))
     hits = {name: [] for name, _, _ in variants}
     confusions = {name: torch.zeros(num_true, num_true, dtype=torch.long) for name in hits}
     fixed = torch.zeros(world.num_actions, num_true, dtype=torch.long)

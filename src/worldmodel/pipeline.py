@@ -142,17 +142,25 @@ def compresses_time(tokenizer: Tokenizer) -> bool:
     return frames_per_latent(tokenizer) > 1
 
 
-def cache_key(p: DictConfig, with_lam: bool) -> str:
-    """A digest of the frozen parts a token cache depends on (their files and the action source)."""
-    key = json.dumps(
-        [
-            CACHE_VERSION,
-            file_key(p.tokenizer_checkpoint),
-            action_source(p),
-            file_key(p.lam_checkpoint) if with_lam else None,
-        ]
-    )
-    return hashlib.sha256(key.encode()).hexdigest()[:12]
+def cache_key(p: DictConfig, with_lam: bool, lam_bf16: bool = False) -> str:
+    """A digest of the frozen parts a token cache depends on (their files and the action source,
+    and whether the LAM labels the frames under bf16)."""
+    parts = [
+        CACHE_VERSION,
+        file_key(p.tokenizer_checkpoint),
+        action_source(p),
+        file_key(p.lam_checkpoint) if with_lam else None,
+    ]
+    if with_lam and lam_bf16:
+        parts.append("lam-bf16")
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
+
+
+def lam_runs_bf16(lam_cfg: DictConfig | None) -> bool:
+    """Whether a frozen LAM labels frames under bf16 autocast: when it was trained in bf16."""
+    if lam_cfg is None:
+        return False
+    return str((lam_cfg.get("trainer") or {}).get("precision", "fp32")) == "bf16"
 
 
 def token_datasets(
@@ -186,9 +194,10 @@ def token_datasets(
     window = 2
     if lam_cfg is not None:
         window = min(int(lam_cfg.data.clip_length), int(lam_cfg.model.max_frames))
-    key = cache_key(p, lam is not None)
+    bf16 = lam_runs_bf16(lam_cfg)
+    key = cache_key(p, lam is not None, bf16)
     out = [
-        token_cache(clips, key, tokenizer, lam, window, inputs, frames_per_latent(tokenizer))
+        token_cache(clips, key, tokenizer, lam, window, inputs, frames_per_latent(tokenizer), bf16)
         for clips in (train, val)
     ]
     return out[0], out[1]

@@ -40,7 +40,14 @@ from torch import Tensor, nn
 from worldmodel.data.frames import parse_resolution, resize_frames
 from worldmodel.export import build_allowed
 from worldmodel.models.interfaces import LatentActions, Tokenizer, WorldModel
-from worldmodel.pipeline import action_source, cache_key, file_key, frames_per_latent, load_frozen
+from worldmodel.pipeline import (
+    action_source,
+    cache_key,
+    file_key,
+    frames_per_latent,
+    lam_runs_bf16,
+    load_frozen,
+)
 from worldmodel.runtime import autocast, resolve_device
 from worldmodel.train import checkpoint as ckpt
 
@@ -232,6 +239,11 @@ class World:
             return 2
         return min(int(cfg.data.clip_length), int(cfg.model.max_frames))
 
+    @property
+    def lam_bf16(self) -> bool:
+        """Whether the LAM labels frames under bf16 autocast (it was trained in bf16)."""
+        return self.lam is not None and lam_runs_bf16(self.configs.get("lam"))
+
     # ------------------------------------------------------------------ loading
     @classmethod
     def load(
@@ -280,7 +292,7 @@ class World:
         configs = {"tokenizer": tok_cfg, "lam": lam_cfg, "dynamics": config}
         world = cls(tokenizer, dynamics, lam, source, config, configs, device, precision)
         world.step_count = int(state.get("step", 0))
-        world.cache_key = cache_key(p, lam is not None)
+        world.cache_key = cache_key(p, lam is not None, world.lam_bf16)
         return world
 
     @classmethod

@@ -80,11 +80,13 @@ def latent_actions(
     episodes: list[dict[str, Any]],
     window: int,
     batch: int = 32,
+    bf16: bool = False,
 ) -> np.ndarray:
     """The LAM's code for every transition i -> i+1 (N,), -1 at each episode's last frame.
 
     Episodes are cut into windows of `window` frames that overlap by one frame, so every
-    transition is inferred once, with up to `window - 1` frames of past context.
+    transition is inferred once, with up to `window - 1` frames of past context. `bf16` runs
+    the LAM under bf16 autocast (for a LAM trained in bf16: ~1.4x faster on a CPU).
     """
     device = _device(lam)
     actions = np.full(len(frames), -1, dtype=np.int64)
@@ -111,7 +113,8 @@ def latent_actions(
             x = torch.from_numpy(np.array(frames[idx.reshape(-1)]))
             x = x.reshape(len(firsts), w, *x.shape[1:])  # (n, T, H, W, C)
             video = _video(x.permute(0, 4, 1, 2, 3), device)  # (n, C, T, H, W)
-            codes = lam.infer_actions(video).cpu().numpy()  # (n, T-1)
+            with autocast(device, bf16):
+                codes = lam.infer_actions(video).cpu().numpy()  # (n, T-1)
             for row, first in zip(codes, firsts):
                 actions[first : first + w - 1] = row
     return actions
@@ -216,6 +219,7 @@ def token_cache(
     lam_window: int = 2,
     inputs: str = "tokens",
     frames_per_latent: int = 1,
+    lam_bf16: bool = False,
 ) -> TokenClipDataset:
     """The token clip dataset of `clips`, tokenized once into `<cache>/<inputs>-<key>/`.
 
@@ -223,7 +227,8 @@ def token_cache(
     new tokenizer or LAM gets a new folder. `inputs` is "tokens" (code ids per frame) or
     "latents" (the tokenizer's continuous latents per frame). With `frames_per_latent` > 1 (a
     tokenizer that compresses time) every clip is tokenized as one video. Actions are the LAM's
-    codes when `lam` is given, else the recorded ones.
+    codes when `lam` is given (inferred under bf16 autocast with `lam_bf16`: the key must say
+    so), else the recorded ones.
     """
     if inputs not in ("tokens", "latents"):
         raise ValueError(f"inputs={inputs!r}: expected tokens or latents")
@@ -242,7 +247,15 @@ def token_cache(
             # another process may have built it while this one waited for the lock
             if not (tokens_path.exists() and actions_path.exists()):
                 _build(
-                    clips, tokenizer, lam, lam_window, inputs, clipwise, tokens_path, actions_path
+                    clips,
+                    tokenizer,
+                    lam,
+                    lam_window,
+                    inputs,
+                    clipwise,
+                    tokens_path,
+                    actions_path,
+                    lam_bf16,
                 )
     if clipwise:
         return ClipwiseTokenDataset(clips, tokens_path, actions_path, frames_per_latent)
@@ -260,6 +273,7 @@ def _build(
     clipwise: bool,
     tokens_path: Path,
     actions_path: Path,
+    lam_bf16: bool = False,
 ) -> None:
     tokens_path.parent.mkdir(parents=True, exist_ok=True)
     frames = np.load(clips.frames_path, mmap_mode="r")
@@ -271,7 +285,7 @@ def _build(
     else:
         _save_npy(tokens_path, tokenize_frames(tokenizer, frames))
     if lam is not None:
-        acts = latent_actions(lam, frames, clips.episodes, lam_window)
+        acts = latent_actions(lam, frames, clips.episodes, lam_window, bf16=lam_bf16)
     else:
         acts = np.load(clips.actions_path)
     _save_npy(actions_path, acts)  # written last: its presence marks the cache complete

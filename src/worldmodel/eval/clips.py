@@ -58,6 +58,7 @@ def token_val(world: World, pixels: Any) -> Any:
         world.lam_window,
         world.dynamics.inputs,
         world.frames_per_latent,
+        world.lam_bf16,
     )
 
 
