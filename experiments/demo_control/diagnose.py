@@ -20,8 +20,12 @@ model's checkpoint. Each prints a JSON object (and writes it with `--out`).
   by P(key | code) instead of by the majority code), reads them back with the IDM, and for a
   latent world holds each code for all 8 frames (what the world does with a fixed code, read
   by the IDM).
-- tokenizer: the IDM on real transitions decoded from their tokens (one step from the real
-  previous frame; chained over a clip as rollouts are decoded): what the token grid keeps of a move.
+- tokenizer: the IDM on real transitions decoded from their tokens (each frame alone; one step
+  from the real previous frame; chained over a clip as rollouts are decoded): what the token
+  grid keeps of a move. CHECKPOINT: a world model's (its tokenizer) or a tokenizer's.
+
+`--set k=v ...` adds overrides after the recipe's to every command (another recording, e.g.
+`--set data.frame_skip=4 data.max_action_repeat=4`: the recipe before frame skip 8).
 """
 
 from __future__ import annotations
@@ -34,8 +38,9 @@ import numpy as np
 import torch
 import yaml
 from hydra import compose, initialize_config_dir
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
+from worldmodel.build import load_model
 from worldmodel.config import instantiate
 from worldmodel.eval import world as W
 from worldmodel.eval.clips import (
@@ -53,7 +58,8 @@ from worldmodel.eval.control import (
     real_transition_accuracy,
 )
 from worldmodel.eval.metrics import normalized_mutual_information
-from worldmodel.world import World
+from worldmodel.train import checkpoint as ckpt
+from worldmodel.world import World, decode_teacher_forced, decode_tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 MOVES = [1, 2, 4, 5, 7, 8]  # CoinRun's distinct moves (data.action_set of the recipe)
@@ -67,9 +73,14 @@ def demo_data_overrides() -> list[str]:
     return [o for o in recipe["common"] if o.lstrip("+").startswith(keep)]
 
 
+EXTRA: list[str] = []  # --set: overrides after the recipe's (another recording, e.g.)
+
+
 def compose_demo(*overrides: str):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return compose("config", overrides=["data=procgen", *demo_data_overrides(), *overrides])
+        return compose(
+            "config", overrides=["data=procgen", *demo_data_overrides(), *EXTRA, *overrides]
+        )
 
 
 def demo_idm(train):
@@ -202,37 +213,43 @@ def control_report(checkpoint: str, split: str, batches: int, fixed_batches: int
 
 @torch.no_grad()
 def tokenizer_report(checkpoint: str, split: str, batches: int) -> dict:
-    """The IDM on real transitions passed through the world's tokenizer (the recorded actions):
-    frame t+1 decoded from its tokens with the real frame t (one step), and a whole clip decoded
-    from its tokens after its real first frame (chained, as a rollout decodes)."""
+    """The IDM on real transitions passed through a tokenizer (a world model's, or a tokenizer
+    checkpoint's; the recorded actions): each frame decoded alone from its tokens, frame t+1
+    decoded from its tokens with the real frame t (one step), and a whole clip decoded from its
+    tokens after its real first frame (chained, as a rollout decodes)."""
     cfg = compose_demo("data.clip_length=9", f"eval.batches={batches}", "eval.batch_size=16")
-    world = World.load(checkpoint)
     pixels = pixel_val(cfg.data, split)
-    tokens = token_val(world, pixels)
-    control = W._control_setup(world, cfg, pixels, tokens)
+    if "pipeline" in ((ckpt.load(checkpoint).get("config") or {}).get("model") or {}):
+        tokenizer = World.load(checkpoint).tokenizer
+    else:
+        tokenizer = load_model(checkpoint)[0]
+    idm = demo_idm(instantiate(compose_demo("data.clip_length=2").data).split("train"))
     indices = list(eval_subset(pixels, cfg).indices)
-    loader = DataLoader(EvalClips(PairedClips(tokens, pixels), indices), batch_size=16)
-    hits: dict[str, list] = {"real": [], "one_step": [], "chained": []}
-    num_true = len(control.table)
-    confusions = {k: torch.zeros(num_true, num_true, dtype=torch.long) for k in hits}
-    for batch in loader:
-        tok, video, true = batch["tokens"], batch["video"], batch["true_actions"][:, :-1]
-        chained = world.decode(tok[:, 1:], previous=video[:, :, 0])  # (B, C, 8, H, W)
+    hits: dict[str, list] = {"real": [], "per_frame": [], "one_step": [], "chained": []}
+    confusions = {k: torch.zeros(15, 15, dtype=torch.long) for k in hits}
+    for i in range(0, len(indices), 16):
+        batch = default_collate([pixels[j] for j in indices[i : i + 16]])
+        video, true = batch["video"], batch["actions"][:, :-1]
+        ids = tokenizer.tokenize(video)  # (B, 9, h, w)
+        alone = decode_tokens(tokenizer, ids, bf16=False)
+        chained = decode_tokens(tokenizer, ids[:, 1:], bf16=False, previous=video[:, :, 0])
         pairs = {
             "real": (video[:, :, :-1], video[:, :, 1:]),
+            "per_frame": (alone[:, :, :-1], alone[:, :, 1:]),
             "one_step": (
                 video[:, :, :-1],
-                world.decode_teacher_forced(tok[:, 1:], video[:, :, :-1]),
+                decode_teacher_forced(tokenizer, ids[:, 1:], video[:, :, :-1], bf16=False),
             ),
             "chained": (torch.cat([video[:, :, :1], chained[:, :, :-1]], dim=2), chained),
         }
         for name, (before, after) in pairs.items():
-            labels = control_labels(control.idm, before, after, true)
+            labels = control_labels(idm, before, after, true)
             hits[name].append(labels[true >= 0] == true[true >= 0])
-            confusions[name] += control_confusion(true, labels, num_true)
+            confusions[name] += control_confusion(true, labels, 15)
     return {
         "checkpoint": checkpoint,
         "split": split,
+        "data": demo_data_overrides() + EXTRA,
         **{
             name: {
                 "idm_accuracy": float(torch.cat(h).double().mean()),
@@ -255,9 +272,13 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=8, help="control: batches of 16 clips")
     p.add_argument("--fixed-batches", type=int, default=2, help="control: for fixed codes")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument(
+        "--set", nargs="*", default=[], help="overrides after the recipe's, e.g. data.frame_skip=4"
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    EXTRA.extend(args.set)
     if args.what == "lam":
         report = lam_report(args.tokens)
     elif args.what == "ceiling":
