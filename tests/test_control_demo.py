@@ -207,6 +207,11 @@ def test_evaluate_dynamics_holds_commands_and_reports_the_confusion(tmp_path) ->
     finally:
         torch.set_num_threads(threads)
     assert metrics["control_hold"] == 4
+    # chance by construction: 1 / the actions the recording took (at most procgen's 15); the
+    # draw's most frequent share is never below it
+    uniform = metrics["control_chance_uniform"]
+    assert 1 / 15 <= uniform <= 1 / 2 and float(1 / uniform).is_integer()
+    assert metrics["control_chance"] >= uniform - 1e-9
     confusion = torch.tensor(metrics["control_confusion"])
     assert confusion.shape == (15, 15)
     assert int(confusion.sum()) == n * 8  # every commanded transition of the 8-frame rollouts

@@ -403,7 +403,8 @@ def evaluate_dynamics(
     context frame repeated) and `copy_previous_psnr_changing` (the previous real frame) are
     PSNRs of the pooled MSE over the frames that change, per horizon; `rollout_psnr` is the
     mean per-frame PSNR per horizon (Genie's curve). `control_accuracy`,
-    `control_accuracy_real` and `control_chance` (with `control_hold`, how long each command
+    `control_accuracy_real`, `control_chance` and `control_chance_uniform` (1 / the commandable
+    actions) (with `control_hold`, how long each command
     was held, and `control_confusion`, commanded x read) are left out when the data has no true
     actions or the model is conditioned on text (the reason is logged).
     """
@@ -536,6 +537,9 @@ def evaluate_dynamics(
         metrics["control_accuracy_stderr"] = float(M.clustered_stderr(per_clip, episodes))
         metrics.setdefault("control_accuracy_real", float("nan"))
         metrics["control_chance"] = control_chance(torch.cat(commands_all))
+        # commands are uniform over the commandable actions: chance by construction (held
+        # commands make the draw's most frequent share, `control_chance`, noisier above it)
+        metrics["control_chance_uniform"] = 1.0 / int((control.table >= 0).sum())
         metrics["control_hold"] = control.hold
         # commanded (rows) x read (columns) over the true actions, which commands fail how
         metrics["control_confusion"] = control_confusion(
