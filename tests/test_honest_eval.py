@@ -158,7 +158,7 @@ def test_latent_world_commands_go_through_the_true_to_code_mapping(world, tmp_pa
     parts = World.load(cfg.checkpoint)
     pixels = W.pixel_val(cfg.data)
     tokens = W.token_val(parts, pixels)
-    _, mapping = W.true_action_mapping(pixels, tokens, parts.num_actions)
+    _, mapping = W.true_action_mapping(pixels, tokens, parts.num_actions, onsets=True)
     control = W._control_setup(parts, cfg, pixels, tokens)
     assert not control.shared  # random codes and mapped commands are separate rollouts
     table = control.table.cpu().tolist()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -26,6 +27,7 @@ from worldmodel.eval.metrics import (
     RunningMeans,
     action_agreement,
     action_mapping,
+    action_onsets,
     bootstrap_ci,
     changing_mask,
     clustered_stderr,
@@ -37,6 +39,7 @@ from worldmodel.eval.metrics import (
     load_lpips_network,
     load_lpips_weights,
     normalized_mutual_information,
+    onset_mapping,
     paired_difference,
     pooled_psnr,
     psnr,
@@ -287,6 +290,21 @@ def test_confusion_matrix_and_mapping():
     torch.testing.assert_close(conf, expected)  # the (-1, 5) pair is dropped
     assert action_mapping(conf) == {0: 3, 1: 0, 2: 2}  # action 3 never occurs
     assert action_agreement(conf) == pytest.approx(6 / 7)
+
+
+def test_action_onsets_mark_where_an_action_starts_and_each_episode_start():
+    # two episodes back to back: [5 5 7 7 7] and [7 7 4]
+    actions = np.array([5, 5, 7, 7, 7, 7, 7, 4])
+    onsets = action_onsets(actions, np.array([0, 5]))
+    assert onsets.tolist() == [True, False, True, False, False, True, False, True]
+
+
+def test_onset_mapping_takes_the_code_most_specific_to_each_action():
+    # held moves share code 0 (the motion under way); action 1's own code is 2, rarer than 0
+    conf = torch.tensor([[9, 0, 0], [6, 0, 3], [0, 4, 0]])
+    assert action_mapping(conf) == {0: 0, 1: 0, 2: 1}  # the majority gives 0 and 1 one code
+    assert onset_mapping(conf) == {0: 0, 1: 2, 2: 1}  # P(1 | code 2) = 1
+    assert onset_mapping(torch.zeros(2, 3, dtype=torch.long)) == {}
 
 
 def test_nmi_permutation_independent_and_hand_case():

@@ -17,9 +17,9 @@ model's checkpoint. Each prints a JSON object (and writes it with `--out`).
   the control accuracy a perfect world would get under such commands.
 - control: rolls a world out from 1 real frame for 8 frames under commands (i.i.d., held as
   the recipe's `eval.control.hold` says, and for a latent world held commands mapped per key
-  by P(key | code) instead of by the majority code), reads them back with the IDM, and for a
-  latent world holds each code for all 8 frames (what the world does with a fixed code, read
-  by the IDM).
+  by the recipe's onset codes, by the majority code and by P(key | code) over all transitions),
+  reads them back with the IDM, and for a latent world holds each code for all 8 frames (what
+  the world does with a fixed code, read by the IDM).
 - tokenizer: the IDM on real transitions decoded from their tokens (each frame alone; one step
   from the real previous frame; chained over a clip as rollouts are decoded): what the token
   grid keeps of a move. CHECKPOINT: a world model's (its tokenizer) or a tokenizer's.
@@ -150,20 +150,26 @@ def control_report(checkpoint: str, split: str, batches: int, fixed_batches: int
     tokens = token_val(world, pixels)
     control = W._control_setup(world, cfg, pixels, tokens)
     num_true = len(control.table)
-    tables = {"majority": control.table.clone()}
+    # the recipe's table (`control.table`: a latent world's keys to their onset codes, learned on
+    # the validation split) beside the tables of the previous recipes, learned on the train split
+    tables = {"recipe": control.table.clone()}
     report: dict = {"checkpoint": checkpoint, "split": split, "source": world.action_source}
     if world.action_source == "latent":
         train_px = pixel_val(cfg.data, "train")
-        confusion, _ = true_action_mapping(train_px, token_val(world, train_px), world.num_actions)
+        confusion, by_majority = true_action_mapping(
+            train_px, token_val(world, train_px), world.num_actions
+        )
         posterior = confusion.double() / confusion.sum(0, keepdim=True).clamp_min(1)
-        by_posterior = torch.full((num_true,), -1, dtype=torch.long)
+        tables["majority"] = torch.full((num_true,), -1, dtype=torch.long)
+        tables["posterior"] = torch.full((num_true,), -1, dtype=torch.long)
         for a in MOVES:
-            by_posterior[a] = int(posterior[a].argmax())
-        tables["posterior"] = by_posterior
+            tables["majority"][a] = by_majority[a]
+            tables["posterior"][a] = int(posterior[a].argmax())
     report["tables"] = {k: {m: int(v[m]) for m in MOVES} for k, v in tables.items()}
     hold = int(cfg.eval.control.hold)  # the recipe's: commands held 1..hold steps
-    variants = [("iid", 1, "majority"), (f"held{hold}", hold, "majority")]
+    variants = [("iid", 1, "recipe"), (f"held{hold}", hold, "recipe")]
     if "posterior" in tables:
+        variants.append((f"held{hold}_majority", hold, "majority"))
         variants.append((f"held{hold}_posterior", hold, "posterior"))
     hits = {name: [] for name, _, _ in variants}
     confusions = {name: torch.zeros(num_true, num_true, dtype=torch.long) for name in hits}

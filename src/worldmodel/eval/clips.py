@@ -78,21 +78,30 @@ def text_context(model: nn.Module, clip_actions: Tensor) -> Any:
 
 
 def true_action_mapping(
-    pixels: Any, tokens: Any, num_codes: int
+    pixels: Any, tokens: Any, num_codes: int, onsets: bool = False
 ) -> tuple[Tensor, dict[int, int]] | None:
     """Confusion (true action x latent code) over a whole split and the true -> code mapping.
 
     Reads the split's recorded actions and the latent actions the pipeline cached beside them
     (both per frame, aligned), so it costs no model call. None when the data has no actions.
+    Default: all transitions, each action to its most frequent code (`M.action_mapping`).
+    `onsets`: only the transitions where an action starts (`M.action_onsets`), each action to
+    the code most specific to it (`M.onset_mapping`).
     """
     if pixels.num_actions is None:
         return None
-    true = torch.from_numpy(np.load(pixels.actions_path))
+    true_np = np.load(pixels.actions_path)
     latent = torch.from_numpy(np.load(tokens.actions_path))
+    true = torch.from_numpy(true_np)
+    if onsets:
+        offsets = np.array([int(e["offset"]) for e in pixels.episodes], dtype=np.int64)
+        keep = torch.from_numpy(M.action_onsets(true_np, offsets))
+        true, latent = true[keep], latent[keep]
     confusion = M.confusion_matrix(true, latent, int(pixels.num_actions), num_codes)
     if int(confusion.sum()) == 0:
         return None
-    return confusion, M.action_mapping(confusion)
+    mapping = M.onset_mapping(confusion) if onsets else M.action_mapping(confusion)
+    return confusion, mapping
 
 
 def clip_episodes(clips: ClipDataset, indices: Sequence[int]) -> np.ndarray:

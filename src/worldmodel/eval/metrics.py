@@ -426,6 +426,34 @@ def action_mapping(confusion: Tensor) -> dict[int, int]:
     }
 
 
+def onset_mapping(confusion: Tensor) -> dict[int, int]:
+    """For each true action that occurs, the latent code most specific to it: the highest
+    P(action | code) (ties to the lowest code index).
+
+    Meant for the confusion of key onsets (`action_onsets`): where a key starts, the code
+    describes the change the key makes; while it is held the code also describes the motion
+    already under way (CoinRun's momentum, a wall), which the majority of `action_mapping`
+    follows instead.
+    """
+    confusion = torch.as_tensor(confusion).double()
+    posterior = confusion / confusion.sum(dim=0, keepdim=True).clamp_min(1)  # (A, K) P(a | code)
+    return {
+        int(action): int(posterior[action].argmax())
+        for action in range(confusion.shape[0])
+        if confusion[action].sum() > 0
+    }
+
+
+def action_onsets(actions: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """(N,) bool: frame t starts its action (`actions` (N,) of episodes back to back, each
+    starting at one of `offsets`): the first frame of an episode, or an action other than the
+    frame before's."""
+    onset = np.ones(len(actions), dtype=bool)
+    onset[1:] = actions[1:] != actions[:-1]
+    onset[np.asarray(offsets, dtype=np.int64)] = True
+    return onset
+
+
 def action_agreement(confusion: Tensor) -> float:
     """Fraction of samples whose latent code is the most frequent code of their true action."""
     confusion = torch.as_tensor(confusion)

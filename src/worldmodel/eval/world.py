@@ -310,7 +310,9 @@ def _control_setup(world: World, cfg: DictConfig, pixels: Any, tokens: Any) -> C
         mapping = world.true_to_model_actions
         if not mapping:  # learned on the validation split: the test split is for reporting only
             held_out = pixels if pixels.split == "val" else pixel_val(cfg.data, "val")
-            found = true_action_mapping(held_out, token_val(world, held_out), world.num_actions)
+            found = true_action_mapping(
+                held_out, token_val(world, held_out), world.num_actions, onsets=True
+            )
             mapping = found[1] if found is not None else {}
         table = torch.full((num_true,), -1, dtype=torch.long)
         for action, code in mapping.items():

@@ -2,8 +2,9 @@
 
 A movement is a true action of the game; the model's action for it comes from the world: the
 identity for a world trained on the recorded actions, else the LAM's learned mapping the world
-carries (`World.true_to_model_actions`: for each true action, the latent code the LAM most often
-inferred for it). Movements that share noop's model action are flagged (`as_noop`).
+carries (`World.true_to_model_actions`: for each true action, the latent code most specific to it
+where a recorded move starts, `eval.metrics.onset_mapping`). Movements that share noop's model
+action are flagged (`as_noop`).
 """
 
 from __future__ import annotations

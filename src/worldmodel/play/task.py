@@ -109,7 +109,8 @@ def load_prompt(settings: dict[str, Any], world: World, pixels: Any) -> np.ndarr
 
 def true_to_model_actions(world: World, pixels: Any) -> dict[int, int]:
     """True action id -> model action id: the identity for a model trained on true actions, else
-    the LAM's learned mapping (the one the world carries, or learned from the validation split;
+    the LAM's learned mapping (the one the world carries, or learned from the validation split:
+    each action to the code most specific to it where the action starts, `M.onset_mapping`;
     empty when the data has no true actions)."""
     if world.action_source == "true":
         n = pixels.num_actions if pixels is not None else world.num_actions
@@ -118,7 +119,7 @@ def true_to_model_actions(world: World, pixels: Any) -> dict[int, int]:
         return dict(world.true_to_model_actions)
     if pixels is None or pixels.num_actions is None:
         return {}
-    found = true_action_mapping(pixels, token_val(world, pixels), world.num_actions)
+    found = true_action_mapping(pixels, token_val(world, pixels), world.num_actions, onsets=True)
     return {} if found is None else found[1]
 
 
