@@ -108,9 +108,10 @@ class ProcgenCaptionsSource(Source):
     """Several procgen games in one cache, with joint (game, button) action ids.
 
     Args (besides those of `Source`): `games` (procgen names, order fixes the joint ids),
-    `frames_per_game` ({train, val} frames recorded per game), and the recording settings of
-    `ProcgenSource` (`num_envs`, level ranges, `distribution_mode`, `max_action_repeat`, `seed`,
-    `env_kwargs`), shared by every game.
+    `{train,val,test}_frames_per_game` (frames recorded per game and split; a test split only
+    when > 0: its own levels, numbers are reported on it), and the recording settings of
+    `ProcgenSource` (`num_envs`, `eval_num_envs`, level ranges, `distribution_mode`,
+    `max_action_repeat`, `seed`, `env_kwargs`), shared by every game.
     """
 
     kind = "procgen_captions"
@@ -126,11 +127,15 @@ class ProcgenCaptionsSource(Source):
         val_clip_stride: int | None = None,
         train_frames_per_game: int = 10000,
         val_frames_per_game: int = 1024,
+        test_frames_per_game: int = 0,
         num_envs: int = 16,
+        eval_num_envs: int | None = None,
         train_level_start: int = 0,
         train_num_levels: int = 500,
         val_level_start: int = 100000,
         val_num_levels: int = 100,
+        test_level_start: int = 200000,
+        test_num_levels: int = 100,
         distribution_mode: str = "hard",
         max_action_repeat: int = 4,
         seed: int = 0,
@@ -151,6 +156,7 @@ class ProcgenCaptionsSource(Source):
         if len(set(games)) != len(games):
             raise ValueError(f"data.games={games} names a game twice")
         self.games = games
+        self.with_test = int(test_frames_per_game) > 0
         # one ProcgenSource per game: its own cache, its own recording code
         self.sources = [
             ProcgenSource(
@@ -161,10 +167,14 @@ class ProcgenCaptionsSource(Source):
                 num_envs=num_envs,
                 train_frames=train_frames_per_game,
                 val_frames=val_frames_per_game,
+                test_frames=test_frames_per_game,
+                eval_num_envs=eval_num_envs,
                 train_level_start=train_level_start,
                 train_num_levels=train_num_levels,
                 val_level_start=val_level_start,
                 val_num_levels=val_num_levels,
+                test_level_start=test_level_start,
+                test_num_levels=test_num_levels,
                 distribution_mode=distribution_mode,
                 max_action_repeat=max_action_repeat,
                 seed=seed,
@@ -189,7 +199,7 @@ class ProcgenCaptionsSource(Source):
     def record(self, writer: CacheWriter) -> dict[str, Any]:
         for index, (game, source) in enumerate(zip(self.games, self.sources)):
             folder = source.prepare()  # records the game's own cache once, or reuses it
-            for split in ("train", "val"):
+            for split in ("train", "val", "test")[: 3 if self.with_test else 2]:
                 clips = ClipDataset(folder, split, clip_length=1)
                 frames = np.load(clips.frames_path, mmap_mode="r")
                 actions = np.load(clips.actions_path)
