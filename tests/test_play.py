@@ -229,8 +229,9 @@ def test_interactive_play_in_a_pseudo_terminal(world, tmp_path):
 
 
 def test_play_maps_true_actions_through_the_lams_codes(world, tmp_path):
-    """action_space=true on a model of latent actions: each true action becomes the code the LAM
-    most often inferred for it on the validation split."""
+    """action_space=true on a model of latent actions: each true action becomes the LAM code most
+    specific to it where it starts, on the validation split (the highest P(action | code) over the
+    transitions whose action differs from the one before, or that start an episode)."""
     torch.manual_seed(0)
     cfg = world.config(
         world.dynamics_latent,
@@ -247,9 +248,15 @@ def test_play_maps_true_actions_through_the_lams_codes(world, tmp_path):
     pixels = pixel_val(cfg.data)
     true = np.load(pixels.actions_path)
     latent = np.load(token_val(parts, pixels).actions_path)
+    starts = np.zeros(len(true), dtype=bool)
+    starts[[int(e["offset"]) for e in pixels.episodes]] = True
+    onset = starts | np.concatenate([[True], true[1:] != true[:-1]])
+    keep = onset & (true >= 0) & (latent >= 0)
+    counts = np.zeros((15, 4))
+    np.add.at(counts, (true[keep], latent[keep]), 1)
+    posterior = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)  # P(action | code)
     for action in (1, 7):
-        codes = latent[(true == action) & (latent >= 0)]
-        assert mapping[str(action)] == np.bincount(codes, minlength=4).argmax()
+        assert mapping[str(action)] == posterior[action].argmax()
     # the model's own ids are the LAM's 4 codes
     cfg = world.config(world.dynamics_latent, "++play.actions=[4]", run_dir=tmp_path / "bad")
     with pytest.raises(ValueError, match=r"action 4 is outside \[0, 4\)"):

@@ -8,7 +8,8 @@ The prompt is a validation frame of `data` (`play.prompt_index`) or an image fil
 (`play.prompt_image`, resized to the model's frame size). Actions are the model's own action ids
 (latent codes for a model trained on LAM actions), or, with `play.action_space=true`, true action
 ids of the game, translated to latent codes through the LAM's learned mapping: for each true
-action, the latent code the LAM most often inferred for it on the validation split. Writes
+action, the latent code most specific to it where it starts, on the validation split
+(`eval.metrics.onset_mapping`). Writes
 `play.gif`, `play.mp4` and `play.json` (actions used, frames/s) into the run dir.
 
 `play.ui` picks the front-end: headless (the default; `play.interactive=true` means terminal),
