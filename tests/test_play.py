@@ -85,6 +85,34 @@ def test_play_maps_true_actions_and_takes_an_image_prompt(world, tmp_path, caplo
     assert result["num_frames"] == 3 and result["prompt"] == str(image)
 
 
+def test_a_world_file_plays_true_actions_from_an_image_with_its_own_mapping(world, tmp_path):
+    """A latent world that carries its key mapping plays game actions from a picture without
+    reading any data."""
+    parts = World.load(world.dynamics_latent)
+    parts.true_to_model_actions = {1: 2, 7: 3}
+    file = parts.export(tmp_path / "world.safetensors")
+    image = tmp_path / "prompt.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(image)
+    cfg = world.config(
+        str(file),
+        "++play.actions=[7,1,7]",
+        "++play.action_space=true",
+        f"++play.prompt_image={image}",
+        run_dir=tmp_path / "run",
+    )
+    result = play(cfg)
+    assert result["actions"] == [3, 2, 3] and result["num_frames"] == 4
+    cfg = world.config(
+        str(file),
+        "++play.actions=[5]",
+        "++play.action_space=true",
+        f"++play.prompt_image={image}",
+        run_dir=tmp_path / "bad",
+    )
+    with pytest.raises(ValueError, match="true action 5 has no latent action"):
+        play(cfg)
+
+
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [

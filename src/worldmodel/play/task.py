@@ -143,15 +143,16 @@ def scripted_actions(
         for a in requested:
             world.check_action(a)
         return requested
-    if not mapping or num_true is None:
+    if not mapping:
         raise ValueError("play.action_space=true needs data with true actions (none recorded)")
     for a in requested:
-        if not 0 <= a < num_true:
+        # num_true is None when no data was read: a world file's own key mapping says it all
+        if num_true is not None and not 0 <= a < num_true:
             raise ValueError(f"true action {a} is outside [0, {num_true}) (the game's actions)")
         if a not in mapping:
             raise ValueError(
-                f"true action {a} never occurs in the validation data, so it has no latent "
-                f"action (true actions with one: {sorted(mapping)})"
+                f"true action {a} has no latent action in the world's key mapping (it never "
+                f"starts in the validation data; true actions with one: {sorted(mapping)})"
             )
     return [mapping[a] for a in requested]
 
