@@ -93,24 +93,20 @@ def test_a_world_file_plays_true_actions_from_an_image_with_its_own_mapping(worl
     file = parts.export(tmp_path / "world.safetensors")
     image = tmp_path / "prompt.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(image)
-    cfg = world.config(
-        str(file),
-        "++play.actions=[7,1,7]",
-        "++play.action_space=true",
-        f"++play.prompt_image={image}",
-        run_dir=tmp_path / "run",
-    )
-    result = play(cfg)
+
+    def game_actions(actions: str, run: str):
+        return world.config(
+            str(file),
+            f"++play.actions={actions}",
+            "++play.action_space=true",
+            f"++play.prompt_image={image}",
+            run_dir=tmp_path / run,
+        )
+
+    result = play(game_actions("[7,1,7]", "run"))
     assert result["actions"] == [3, 2, 3] and result["num_frames"] == 4
-    cfg = world.config(
-        str(file),
-        "++play.actions=[5]",
-        "++play.action_space=true",
-        f"++play.prompt_image={image}",
-        run_dir=tmp_path / "bad",
-    )
     with pytest.raises(ValueError, match="true action 5 has no latent action"):
-        play(cfg)
+        play(game_actions("[5]", "bad"))
 
 
 @pytest.mark.parametrize(

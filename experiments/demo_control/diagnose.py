@@ -57,7 +57,7 @@ from worldmodel.eval.control import (
     control_labels,
     real_transition_accuracy,
 )
-from worldmodel.eval.metrics import normalized_mutual_information
+from worldmodel.eval.metrics import normalized_mutual_information, onset_mapping
 from worldmodel.train import checkpoint as ckpt
 from worldmodel.world import World, decode_teacher_forced, decode_tokens
 
@@ -159,12 +159,12 @@ def control_report(checkpoint: str, split: str, batches: int, fixed_batches: int
         confusion, by_majority = true_action_mapping(
             train_px, token_val(world, train_px), world.num_actions
         )
-        posterior = confusion.double() / confusion.sum(0, keepdim=True).clamp_min(1)
+        by_posterior = onset_mapping(confusion)  # P(key | code), here over all transitions
         tables["majority"] = torch.full((num_true,), -1, dtype=torch.long)
         tables["posterior"] = torch.full((num_true,), -1, dtype=torch.long)
         for a in MOVES:
             tables["majority"][a] = by_majority[a]
-            tables["posterior"][a] = int(posterior[a].argmax())
+            tables["posterior"][a] = by_posterior[a]
     report["tables"] = {k: {m: int(v[m]) for m in MOVES} for k, v in tables.items()}
     hold = int(cfg.eval.control.hold)  # the recipe's: commands held 1..hold steps
     variants = [("iid", 1, "recipe"), (f"held{hold}", hold, "recipe")]

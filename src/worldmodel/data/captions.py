@@ -156,7 +156,6 @@ class ProcgenCaptionsSource(Source):
         if len(set(games)) != len(games):
             raise ValueError(f"data.games={games} names a game twice")
         self.games = games
-        self.with_test = int(test_frames_per_game) > 0
         # one ProcgenSource per game: its own cache, its own recording code
         self.sources = [
             ProcgenSource(
@@ -199,7 +198,7 @@ class ProcgenCaptionsSource(Source):
     def record(self, writer: CacheWriter) -> dict[str, Any]:
         for index, (game, source) in enumerate(zip(self.games, self.sources)):
             folder = source.prepare()  # records the game's own cache once, or reuses it
-            for split in ("train", "val", "test")[: 3 if self.with_test else 2]:
+            for split in source.levels:  # train, val, and test where it records one
                 clips = ClipDataset(folder, split, clip_length=1)
                 frames = np.load(clips.frames_path, mmap_mode="r")
                 actions = np.load(clips.actions_path)

@@ -90,14 +90,14 @@ def true_action_mapping(
     """
     if pixels.num_actions is None:
         return None
-    true_np = np.load(pixels.actions_path)
-    latent = torch.from_numpy(np.load(tokens.actions_path))
-    true = torch.from_numpy(true_np)
+    true, latent = np.load(pixels.actions_path), np.load(tokens.actions_path)
     if onsets:
         offsets = np.array([int(e["offset"]) for e in pixels.episodes], dtype=np.int64)
-        keep = torch.from_numpy(M.action_onsets(true_np, offsets))
+        keep = M.action_onsets(true, offsets)
         true, latent = true[keep], latent[keep]
-    confusion = M.confusion_matrix(true, latent, int(pixels.num_actions), num_codes)
+    confusion = M.confusion_matrix(
+        torch.from_numpy(true), torch.from_numpy(latent), int(pixels.num_actions), num_codes
+    )
     if int(confusion.sum()) == 0:
         return None
     mapping = M.onset_mapping(confusion) if onsets else M.action_mapping(confusion)

@@ -111,7 +111,8 @@ def load_prompt(settings: dict[str, Any], world: World, pixels: Any) -> np.ndarr
 def true_to_model_actions(world: World, pixels: Any) -> dict[int, int]:
     """True action id -> model action id: the identity for a model trained on true actions, else
     the LAM's learned mapping (the one the world carries, or learned from the validation split:
-    each action to the code most specific to it where the action starts, `M.onset_mapping`;
+    each action to the code most specific to it where the action starts,
+    `eval.metrics.onset_mapping`;
     empty when the data has no true actions)."""
     if world.action_source == "true":
         n = pixels.num_actions if pixels is not None else world.num_actions
